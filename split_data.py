@@ -1,0 +1,419 @@
+"""Fetch TensorFlow's flower_photos and split it 9:1 into train/ and val/ for the train scripts.
+
+    $ python split_data.py                       # download, verify, extract, split
+    $ python split_data.py --source ~/Downloads/flower_photos.tgz
+    $ python split_data.py --source my_photos/ --val-ratio 0.2 --out data/my_data
+
+A source is a folder with one sub-folder per class (searched recursively for images) or an
+archive of such a folder (.tgz, .tar.gz, .tar, .zip). The split is stratified and the same on
+every machine: each class's files are sorted by name, then shuffled with a seeded generator,
+and int(n * val_ratio) of them go to val. It is built in a temporary folder beside --out and
+swapped in at the end, so an interrupted run never leaves half a split behind.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+FLOWERS_URL = (
+    "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+)
+FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+# The extensions torchvision's ImageFolder reads: a file it would ignore must not be counted.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
+MANIFEST = "split.json"
+
+
+class SplitError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def download(url: str, dest: Path, sha256: str) -> None:
+    """Download url to dest, resuming a partial download, and verify its sha256."""
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "split_data.py"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code != 416:  # 416: the partial file already holds every byte; verify it below
+            raise SplitError(f"cannot download {url}: HTTP {e.code} {e.reason}") from e
+        response = None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise SplitError(
+            f"cannot download {url} ({reason}). Without network, fetch the archive elsewhere "
+            f"and run: python split_data.py --source PATH/TO/{dest.name}"
+        ) from e
+    if response is not None:
+        with response:
+            resumed = response.status == 206
+            if offset and not resumed:
+                offset = 0  # the server ignored the Range header: start again from scratch
+            length = response.headers.get("Content-Length")
+            total = offset + int(length) if length else None
+            action = "resuming" if resumed else "downloading"
+            print(f"{action} {url} -> {dest}")
+            try:
+                with (
+                    open(part, "ab" if resumed else "wb") as f,
+                    tqdm(
+                        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024
+                    ) as bar,
+                ):
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            except OSError as e:
+                raise SplitError(
+                    f"download of {url} broke off ({e}); run again to resume it"
+                ) from e
+    digest = file_sha256(part)
+    if digest != sha256:
+        part.unlink()
+        raise SplitError(
+            f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}; the file "
+            f"was deleted, run again to download it anew (or pass --sha256 for a different file)"
+        )
+    part.replace(dest)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def check_member_name(archive: Path, name: str) -> None:
+    """Refuse a member name that would land outside the folder it is extracted to."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or (pure.parts and ":" in pure.parts[0]):
+        raise SplitError(f"{archive}: refusing unsafe path {name!r} in the archive")
+
+
+def extract(archive: Path, dest: Path) -> None:
+    """Extract archive into the existing folder dest, refusing anything unsafe up front.
+
+    Only regular files and folders are accepted: links, devices and paths that climb out of
+    dest stop the extraction before a single byte is written.
+    """
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    check_member_name(archive, info.filename)
+                    mode = info.external_attr >> 16
+                    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                        raise SplitError(
+                            f"{archive}: refusing {info.filename!r}, a link or special file"
+                        )
+                zf.extractall(dest)
+        else:
+            with tarfile.open(archive) as tf:
+                for member in tf.getmembers():
+                    check_member_name(archive, member.name)
+                    if not (member.isfile() or member.isdir()):
+                        raise SplitError(
+                            f"{archive}: refusing {member.name!r}, a link or special file"
+                        )
+                # The "data" filter re-checks the same rules where Python has it (3.8.17+).
+                if hasattr(tarfile, "data_filter"):
+                    tf.extractall(dest, filter="data")
+                else:
+                    tf.extractall(dest)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise SplitError(
+            f"cannot read archive {archive} ({str(e).splitlines()[0].rstrip(':')}); "
+            f"is it complete and a .tgz/.tar/.zip?"
+        ) from e
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def find_dataset_root(folder: Path) -> Path:
+    """Go down through single wrapper folders (flower_photos.tgz holds flower_photos/...)."""
+    while True:
+        subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if len(subdirs) == 1 and any(p.is_dir() for p in subdirs[0].iterdir()):
+            folder = subdirs[0]
+        else:
+            return folder
+
+
+def list_classes(root: Path) -> dict[str, list[Path]]:
+    """Map each class folder under root to its candidate files, sorted by relative path."""
+    classes = {}
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if class_dir.name.startswith("."):
+            continue
+        files = [p for p in class_dir.rglob("*") if p.is_file() and not is_hidden(p, class_dir)]
+        classes[class_dir.name] = sorted(files, key=lambda p: p.relative_to(class_dir).as_posix())
+    return classes
+
+
+def image_problem(path: Path) -> str | None:
+    """Return why path is not a usable image, or None when it decodes."""
+    if path.suffix.lower() not in IMG_EXTENSIONS:
+        return "not an image type the train scripts read"
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
+            img.load()
+    except Image.DecompressionBombError:
+        return "too many pixels (Pillow's decompression-bomb limit)"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot be decoded ({e})"
+    return None
+
+
+def check_images(classes: dict[str, list[Path]], root: Path) -> tuple[dict, list[str]]:
+    """Decode every candidate file; return the good files per class and the skipped ones."""
+    files = [p for paths in classes.values() for p in paths]
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
+        problems = list(
+            tqdm(
+                pool.map(image_problem, files),
+                total=len(files),
+                desc="checking images",
+                unit="img",
+                disable=len(files) < 500,
+            )
+        )
+    bad = dict(zip(files, problems, strict=True))
+    good = {name: [p for p in paths if bad[p] is None] for name, paths in classes.items()}
+    skipped = [f"{p.relative_to(root).as_posix()}: {bad[p]}" for p in files if bad[p]]
+    return good, skipped
+
+
+def split_class(name: str, files: list[Path], val_ratio: float, seed: int):
+    """Sorted files, a shuffle seeded by (seed, class name), the first int(n * ratio) to val."""
+    files = list(files)
+    random.Random(f"{seed}:{name}").shuffle(files)
+    # The small epsilon keeps int() from flooring a product such as 0.1 * n just below n / 10.
+    n_val = math.floor(len(files) * val_ratio + 1e-9)
+    return files[n_val:], files[:n_val]
+
+
+def place(src: Path, dst: Path, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another file system, or no hard links there: copy instead
+    shutil.copyfile(src, dst)
+
+
+def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
+    """Build train/, val/ and the manifest in a temporary sibling of out, then swap them in."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / MANIFEST
+    for sub in ("train", "val"):
+        if (out / sub).exists() and not previous.exists():
+            raise SplitError(
+                f"{out / sub} exists but was not made by split_data.py (no {MANIFEST} beside "
+                f"it); move it away or choose another --out"
+            )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-split-", dir=out.parent))
+    try:
+        for name, files in classes.items():
+            train, val = split_class(name, files, val_ratio, seed)
+            for subset, chosen in (("train", train), ("val", val)):
+                for src in chosen:
+                    place(src, tmp / subset / name / src.relative_to(root / name), link)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = tmp / "previous"
+        old.mkdir()
+        for entry in ("train", "val", MANIFEST):
+            if (out / entry).exists():
+                (out / entry).replace(old / entry)
+            (tmp / entry).replace(out / entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_manifest(root, classes, val_ratio, seed, source, skipped) -> dict:
+    counts, digest = {}, hashlib.sha256()
+    for name, files in classes.items():
+        train, val = split_class(name, files, val_ratio, seed)
+        counts[name] = {"train": len(train), "val": len(val)}
+        for subset, chosen in (("train", train), ("val", val)):
+            for p in sorted(chosen):
+                digest.update(f"{subset}/{name}/{p.relative_to(root / name).as_posix()}\n".encode())
+    return {
+        "source": str(source),
+        "seed": seed,
+        "val_ratio": val_ratio,
+        "classes": counts,
+        "train": sum(c["train"] for c in counts.values()),
+        "val": sum(c["val"] for c in counts.values()),
+        "skipped": skipped,
+        "split_sha256": digest.hexdigest(),
+    }
+
+
+def split(source: Path, out: Path, val_ratio: float, seed: int, link: bool, label: str) -> None:
+    root = find_dataset_root(source)
+    classes = list_classes(root)
+    if not classes:
+        raise SplitError(
+            f"{source} holds no class folders; expected one sub-folder of images per class"
+        )
+    classes, skipped = check_images(classes, root)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} file(s) that are not usable images:")
+        for line in skipped:
+            print(f"  {line}")
+    for name, files in classes.items():
+        if not files:
+            raise SplitError(f"class folder {root / name} holds no usable images")
+        if math.floor(len(files) * val_ratio + 1e-9) == 0:
+            raise SplitError(
+                f"class {name!r} has only {len(files)} image(s): with --val-ratio {val_ratio} "
+                f"none would go to val; add images or raise --val-ratio"
+            )
+    manifest = build_manifest(root, classes, val_ratio, seed, label, skipped)
+    before = out / MANIFEST
+    try:
+        previous = json.loads(before.read_text()).get("split_sha256") if before.exists() else None
+    except (OSError, ValueError):
+        previous = None
+    write_split(root, classes, out, val_ratio, seed, link, manifest)
+
+    width = max(len(name) for name in classes) + 2
+    print(f"{'class':<{width}}{'train':>7}{'val':>7}")
+    for name, c in manifest["classes"].items():
+        print(f"{name:<{width}}{c['train']:>7}{c['val']:>7}")
+    print(f"{'total':<{width}}{manifest['train']:>7}{manifest['val']:>7}")
+    sameness = " (the same split as before)" if previous == manifest["split_sha256"] else ""
+    print(f"split {manifest['split_sha256'][:12]}{sameness} written to {out}")
+
+
+def fetch_default(url: str, sha256: str) -> Path:
+    """Download and extract the archive unless its extracted folder is already there."""
+    extracted = DATA_DIR / "flower_data" / "flower_photos"
+    if extracted.is_dir():
+        return extracted
+    DATA_DIR.mkdir(exist_ok=True)
+    name = Path(urllib.request.url2pathname(url.rsplit("/", 1)[-1])).name or "flower_photos.tgz"
+    archive = DATA_DIR / name
+    if not archive.exists():
+        download(url, archive, sha256)
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".flower_photos-", dir=extracted.parent))
+    try:
+        print(f"extracting {archive}")
+        extract(archive, tmp)
+        find_dataset_root(tmp).replace(extracted)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return extracted
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="folder of class sub-folders, or a .tgz/.tar.gz/.tar/.zip of one (default: "
+        "download flower_photos into data/ unless data/flower_data/flower_photos exists)",
+    )
+    parser.add_argument(
+        "--url", default=FLOWERS_URL, help=f"download address (default: {FLOWERS_URL})"
+    )
+    parser.add_argument(
+        "--sha256",
+        default=FLOWERS_SHA256,
+        help="expected sha256 of the file at --url (default: flower_photos.tgz's)",
+    )
+    parser.add_argument(
+        "--val-ratio",
+        type=float,
+        default=0.1,
+        help="share of each class that goes to val (default: 0.1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default: 0)")
+    parser.add_argument(
+        "--link",
+        action="store_true",
+        help="hard-link files instead of copying them where the file system allows (default: copy)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DATA_DIR / "flower_data",
+        help="folder that receives train/, val/ and split.json (default: data/flower_data)",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if not 0 < args.val_ratio < 1:
+        raise SplitError(f"--val-ratio must be between 0 and 1, got {args.val_ratio}")
+    out = args.out.expanduser().resolve()
+    if args.source is None:
+        source = fetch_default(args.url, args.sha256.lower())
+        split(source, out, args.val_ratio, args.seed, args.link, args.url)
+        return
+    source = args.source.expanduser().resolve()
+    if not source.exists():
+        raise SplitError(f"--source {args.source} does not exist")
+    if source.is_dir():
+        split(source, out, args.val_ratio, args.seed, args.link, source)
+    elif is_archive(source):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-", dir=out.parent))
+        try:
+            print(f"extracting {source}")
+            extract(source, tmp)
+            split(tmp, out, args.val_ratio, args.seed, args.link, source)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        raise SplitError(
+            f"--source {args.source} is neither a folder nor a .tgz/.tar.gz/.tar/.zip archive"
+        )
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except SplitError as e:
+        sys.exit(f"split_data.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("split_data.py: interrupted; run again to finish (a partial download resumes)")
