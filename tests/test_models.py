@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import FAMILIES, REPO, load_module, run_script
 from torch import nn
+
+from conftest import FAMILIES, REPO, load_module, run_script
 
 lenet = load_module(REPO / "lenet" / "model.py")
 alexnet = load_module(REPO / "alexnet" / "model.py")

@@ -12,6 +12,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, SAMPLE, jpeg_bytes, load_module, make_image_folder, needs_sample
 from conftest import run_script as run
 

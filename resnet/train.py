@@ -1,0 +1,703 @@
+"""Train ResNet or ResNeXt on the flower split, or on any train/ + val/ ImageFolder split.
+
+    $ python resnet/train.py                              # resnet34 from scratch, 30 epochs
+    $ python resnet/train.py --arch resnet50 --weights imagenet --freeze-backbone
+    $ python resnet/train.py --device cpu --epochs 3 --image-size 128
+    $ python resnet/train.py --resume                     # continue runs/resnet34/last.pth
+
+Defaults: resnet34, 30 epochs, batch 32, AdamW with peak lr 1e-3 (one epoch of warm-up, then
+cosine decay), weight decay 0.05, 224 x 224 crops. Outputs go to resnet/runs/<arch>/: best.pth,
+last.pth, metrics.csv, curves.png and confusion_matrix.png.
+"""
+
+import argparse
+import math
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import torch
+import torchvision
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from model import ARCHS
+
+FOLDER = Path(__file__).resolve().parent
+ROOT = FOLDER.parent
+FAMILY = "resnet"
+DEFAULTS = {"arch": "resnet34", "epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05,
+            "image_size": 224}  # fmt: skip
+# ImageNet's mean and std: what torchvision's pretrained weights expect, and fine from scratch.
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default=DEFAULTS["arch"], choices=list(ARCHS),
+                        help=f"network (default: {DEFAULTS['arch']})")  # fmt: skip
+    parser.add_argument(
+        "--weights",
+        default=None,
+        metavar="imagenet|PATH",
+        help="start from ImageNet weights: 'imagenet' fetches torchvision's through its "
+        "weights registry, PATH reads a torchvision-format state dict such as "
+        "resnet34-b627a593.pth (default: random initialisation)",
+    )
+    parser.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="with --weights: train only the new classifier (default: train every layer)",
+    )
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
+    if args.freeze_backbone and not args.weights:
+        raise TrainingError("--freeze-backbone needs --weights: a random backbone stays random")
+    if not args.weights:
+        return ARCHS[args.arch](num_classes=num_classes)
+    model = ARCHS[args.arch]()  # 1000 classes: the shape of the ImageNet weights
+    try:
+        model.load_state_dict(read_pretrained(args), strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise TrainingError(f"--weights {args.weights} does not fit {args.arch}: {detail}") from e
+    if args.freeze_backbone:
+        model.requires_grad_(False)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)  # a new head for these classes
+    return model
+
+
+def compute_loss(output: torch.Tensor, targets: torch.Tensor, criterion: nn.Module):
+    """The loss to train on and the logits to score."""
+    return criterion(output, targets), output
+
+
+def read_pretrained(args: argparse.Namespace) -> dict:
+    """The 1000-class ImageNet state dict that --weights names."""
+    if args.weights == "imagenet":
+        weights = torchvision.models.get_model_weights(args.arch).DEFAULT
+        try:
+            return weights.get_state_dict(progress=True)  # cached by torch.hub after one download
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrainingError(
+                f"cannot download the ImageNet weights of {args.arch} from {weights.url} "
+                f"({reason}); fetch that file elsewhere and pass --weights PATH"
+            ) from e
+    path = Path(args.weights).expanduser()
+    if not path.is_file():
+        raise TrainingError(f"--weights {args.weights}: no such file (or use --weights imagenet)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but plain data, with varied errors
+        raise TrainingError(
+            f"--weights {path} is not a state dict this script can read (only tensors and "
+            f"plain values are loaded, never other objects)"
+        ) from e
+    if isinstance(state, dict) and "family" in state:
+        raise TrainingError(f"--weights {path} is a checkpoint of this project: use --resume")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise TrainingError(f"--weights {path} is not a torchvision-format state dict")
+    return state
+
+
+class TrainingError(Exception):
+    """A problem with the user's input or run, reported as one line without a traceback."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps: MPS is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise TrainingError(f"--device {name}: {e}") from e
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bfloat16 (AVX-512 BF16 or AMX); elsewhere bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. "auto" picks what is fast on this device."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return None
+    if name == "fp16" and device.type == "cpu":
+        raise TrainingError("--amp fp16 is for GPUs; on the CPU use --amp bf16 or --amp off")
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
+    """Training augmentation and the validation preprocessing (predict.py repeats the latter)."""
+    train = T.Compose(
+        [
+            T.RandomResizedCrop(image_size, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    val = T.Compose(
+        [
+            T.Resize(round(image_size / 0.875), antialias=True),  # 256 for 224, as on ImageNet
+            T.CenterCrop(image_size),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    return train, val
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB, naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise TrainingError(
+            f"cannot read image {path} ({e}); remove it or run split_data.py again"
+        ) from e
+
+
+def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]]:
+    """The ImageFolder train/ and val/ of --data-path, which must have the same classes."""
+    train_tf, val_tf = build_transforms(args.image_size)
+    folders = {split: args.data_path / split for split in ("train", "val")}
+    for folder in folders.values():
+        if not folder.is_dir():
+            raise TrainingError(
+                f"data folder {folder} not found: run `python split_data.py` first "
+                f"(or pass --data-path DIR with train/ and val/ inside)"
+            )
+    try:
+        train_set = ImageFolder(folders["train"], train_tf, loader=load_image)
+        val_set = ImageFolder(folders["val"], val_tf, loader=load_image)
+    except (FileNotFoundError, OSError) as e:
+        raise TrainingError(f"{e}; run `python split_data.py` to make the split") from e
+    if train_set.classes != val_set.classes:
+        raise TrainingError(
+            f"train/ and val/ of {args.data_path} have different classes "
+            f"({train_set.classes} vs {val_set.classes}); run `python split_data.py` again"
+        )
+    return train_set, val_set, train_set.classes
+
+
+def check_image_size(model: nn.Module, args: argparse.Namespace, device: torch.device) -> None:
+    """Fail early, in one line, when --image-size does not fit the network."""
+    probe = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+            if not has_bn:  # train mode runs extra heads (GoogLeNet's); BN statistics must not move
+                model.train()(probe)
+    except RuntimeError as e:
+        raise TrainingError(
+            f"--image-size {args.image_size} is too small for {args.arch} "
+            f"({str(e).splitlines()[0]}); use a larger --image-size"
+        ) from e
+    finally:
+        model.train()
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW; biases and normalisation weights (1-d tensors) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.lr)
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:
+    """Linear warm-up, then cosine decay to zero, stepped once per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return LambdaLR(optimizer, factor)
+
+
+def to_device(images, targets, device: torch.device):
+    non_blocking = device.type == "cuda"
+    images = images.to(device, non_blocking=non_blocking, memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=non_blocking)
+
+
+def train_one_epoch(
+    model, criterion, optimizer, scheduler, scaler, loader, device, amp_dtype, epoch, args
+) -> dict:
+    model.train()
+    seen, loss_sum, correct = 0, 0.0, 0
+    steps = 1 if args.dry_run else len(loader)
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs} train", leave=False,
+               dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(bar, 1):
+        images, targets = to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, logits = compute_loss(model(images), targets, criterion)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"loss is {loss_value} at epoch {epoch}, step {step}: training diverged; "
+                f"try a lower --lr (now {args.lr:g})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        n = targets.size(0)
+        seen += n
+        loss_sum += loss_value * n
+        correct += (logits.argmax(1) == targets).sum().item()
+        rate = seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                        img_s=f"{rate:.0f}", refresh=False)  # fmt: skip
+        if step >= steps:
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
+            "img_s": seen / seconds}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model, criterion, loader, device, amp_dtype, args, desc="val") -> dict:
+    """Loss and accuracy of the main head on every sample of loader, plus the predictions."""
+    model.eval()
+    seen, loss_sum = 0, 0.0
+    predictions, labels = [], []
+    steps = 1 if args.dry_run else len(loader)
+    bar = tqdm(loader, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    for step, (images, targets) in enumerate(bar, 1):
+        images, targets = to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        loss_sum += criterion(logits.float(), targets).item() * targets.size(0)
+        seen += targets.size(0)
+        predictions.append(logits.argmax(1).cpu())
+        labels.append(targets.cpu())
+        if step >= steps:
+            break
+    bar.close()
+    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    return {"loss": loss_sum / seen, "acc": (predictions == labels).float().mean().item(),
+            "predictions": predictions, "labels": labels}  # fmt: skip
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename over path."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint that this family's train.py wrote; never unpickles arbitrary objects."""
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but plain data, with varied errors
+        raise TrainingError(
+            f"{path} is not a checkpoint this script can read (only tensors and plain values "
+            f"are loaded, never other objects)"
+        ) from e
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "family" not in checkpoint:
+        raise TrainingError(f"{path} is not a checkpoint written by a train.py of this project")
+    if checkpoint["family"] != FAMILY:
+        raise TrainingError(
+            f"{path} holds a {checkpoint['family']} model ({checkpoint.get('arch')}), "
+            f"not a {FAMILY} one; use {checkpoint['family']}/train.py"
+        )
+    return checkpoint
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_metrics(history: list[dict], output_dir: Path) -> None:
+    """metrics.csv and curves.png, rewritten whole after every epoch."""
+    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "img_s"]
+    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in history]
+    write_atomically(output_dir / "metrics.csv", "\n".join(lines) + "\n")
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], "o-", label=split)
+        ax_acc.plot(epochs, [row[f"{split}_acc"] for row in history], "o-", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, output_dir / "curves.png")
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def report_confusion(result: dict, classes: list[str], path: Path) -> None:
+    """Print per-class accuracy and save the confusion matrix of result as a picture."""
+    k = len(classes)
+    matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k)
+    matrix = matrix.reshape(k, k)
+    width = max(len(c) for c in classes) + 2
+    print(f"{'class':<{width}}{'val images':>11}{'accuracy':>10}")
+    for i, name in enumerate(classes):
+        total = matrix[i].sum().item()
+        acc = matrix[i, i].item() / total if total else float("nan")
+        print(f"{name:<{width}}{total:>11}{acc:>10.3f}")
+
+    fig = Figure(figsize=(0.8 * k + 3, 0.8 * k + 2))
+    ax = fig.subplots()
+    rows = matrix.sum(1, keepdim=True).clamp(min=1)
+    ax.imshow(matrix / rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if matrix[i, j] > 0.5 * rows[i] else "black"
+            ax.text(j, i, str(matrix[i, j].item()), ha="center", va="center", color=colour)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=f"val accuracy {result['acc']:.3f}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def resume_command(last: Path) -> str:
+    """The command line that continues this run from last."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            if not arg.startswith("-"):
+                continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if not arg.startswith("--resume="):
+            args.append(arg)
+    return shlex.join(["python", sys.argv[0], *args, "--resume", str(last)])
+
+
+def raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-path",
+        type=Path,
+        default=ROOT / "data" / "flower_data",
+        help="folder with train/ and val/ (default: data/flower_data of this repository)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS["epochs"],
+        help=f"number of epochs (default: {DEFAULTS['epochs']})",
+    )
+    parser.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help=f"images per batch (default: {DEFAULTS['batch_size']})",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULTS["lr"],
+        help=f"peak learning rate of AdamW (default: {DEFAULTS['lr']:g}); one "
+        "epoch of linear warm-up, then cosine decay",
+    )
+    parser.add_argument(
+        "--wd",
+        "--weight-decay",
+        dest="weight_decay",
+        type=float,
+        default=DEFAULTS["weight_decay"],
+        help=f"AdamW weight decay, not on biases and norms (default: {DEFAULTS['weight_decay']:g})",
+    )
+    parser.add_argument(
+        "-j",
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loading processes (default: the CPU count, at most 8; "
+        f"{min(8, os.cpu_count() or 1)} here)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, then MPS, then CPU)",
+    )
+    parser.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "bf16", "fp16"],
+        help="mixed precision (default: auto: bf16 on GPUs that have it, else "
+        "fp16; bf16 on CPUs with AVX-512 BF16 or AMX; off elsewhere)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULTS["image_size"],
+        help=f"training crop size in pixels (default: {DEFAULTS['image_size']})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"where checkpoints, metrics and plots go (default: {FAMILY}/runs/<arch>/)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint (default without PATH: last.pth in --output-dir)",
+    )
+    parser.add_argument(
+        "--test-only",
+        action="store_true",
+        help="only evaluate a checkpoint on val: --resume PATH, or by "
+        "default best.pth in --output-dir (default: off)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="one training and one validation batch per epoch, a smoke test (default: off)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (default: off; pays off on long GPU runs)",
+    )
+    add_model_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        raise TrainingError("--workers must be 0 or more")
+    args.data_path = args.data_path.expanduser().resolve()
+    output_dir = args.output_dir or FOLDER / "runs" / args.arch
+    output_dir = output_dir.expanduser().resolve()
+    device = pick_device(args.device)
+    amp_dtype = pick_amp(args.amp, device)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_set, val_set, classes = load_datasets(args)
+    loader_kwargs = {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": args.workers > 0,
+    }
+    # The shuffle order is drawn from this generator, seeded anew each epoch, so a resumed run
+    # sees the same batches as an uninterrupted one.
+    order = torch.Generator()
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
+                              generator=order, **loader_kwargs)  # fmt: skip
+    val_loader = DataLoader(val_set, shuffle=False, **loader_kwargs)
+
+    model = build_model(args, len(classes)).to(device, memory_format=torch.channels_last)
+    check_image_size(model, args, device)
+    criterion = nn.CrossEntropyLoss()
+    amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    print(f"{args.arch} on {device}, amp {amp_name}, channels_last, {args.workers} workers, "
+          f"batch {args.batch_size}: {len(train_set)} train / {len(val_set)} val images, "
+          f"{len(classes)} classes")  # fmt: skip
+
+    if args.test_only:
+        path = Path(args.resume) if args.resume not in (None, "last") else output_dir / "best.pth"
+        checkpoint = load_checkpoint(path.expanduser().resolve())
+        check_compatible(checkpoint, args, classes, path)
+        model.load_state_dict(checkpoint["model"])
+        result = evaluate(model, criterion, val_loader, device, amp_dtype, args)
+        print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        report_confusion(result, classes, output_dir / "confusion_matrix.png")
+        return
+
+    optimizer = make_optimizer(model, args)
+    steps_per_epoch = 1 if args.dry_run else len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, total_steps, min(steps_per_epoch, total_steps // 5))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    history, start_epoch, best_acc, best_epoch = [], 1, -1.0, 0
+
+    if args.resume is not None:
+        path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
+        checkpoint = load_checkpoint(path.expanduser().resolve())
+        check_compatible(checkpoint, args, classes, path)
+        if "optimizer" not in checkpoint:
+            raise TrainingError(f"{path} holds no training state (resume from last.pth)")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        random.setstate(checkpoint["rng"]["python"])
+        history = checkpoint["history"]
+        start_epoch = checkpoint["epoch"] + 1
+        best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
+        print(f"resumed from {path} at epoch {checkpoint['epoch']}")
+    elif (output_dir / "last.pth").exists():
+        raise TrainingError(
+            f"{output_dir} already holds a run: continue it with --resume, or pass "
+            f"--output-dir for a new one"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_model = torch.compile(model) if args.compile else model
+
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    started = time.perf_counter()
+    epoch, saved_epoch = start_epoch, start_epoch - 1
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            order.manual_seed(args.seed * 1000 + epoch)
+            train = train_one_epoch(train_model, criterion, optimizer, scheduler, scaler,
+                                    train_loader, device, amp_dtype, epoch, args)  # fmt: skip
+            val = evaluate(train_model, criterion, val_loader, device, amp_dtype, args)
+            lr = optimizer.param_groups[0]["lr"]
+            history.append({
+                "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+                "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+                "seconds": train["seconds"], "img_s": train["img_s"],
+            })  # fmt: skip
+            print(f"epoch {epoch}/{args.epochs}  train_loss {train['loss']:.3f}  "
+                  f"train_acc {train['acc']:.3f}  val_loss {val['loss']:.3f}  "
+                  f"val_acc {val['acc']:.3f}  lr {lr:.1e}  {train['seconds']:.0f}s  "
+                  f"{train['img_s']:.0f} img/s")  # fmt: skip
+
+            state = {
+                "family": FAMILY, "arch": args.arch, "model": model.state_dict(),
+                "classes": classes, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "epoch": epoch, "val_acc": val["acc"],
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            }  # fmt: skip
+            if val["acc"] > best_acc:
+                best_acc, best_epoch = val["acc"], epoch
+                save_checkpoint({**state, "best_acc": best_acc, "best_epoch": best_epoch},
+                                output_dir / "best.pth")  # fmt: skip
+            save_checkpoint({
+                **state, "best_acc": best_acc, "best_epoch": best_epoch,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "history": history,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            }, output_dir / "last.pth")  # fmt: skip
+            saved_epoch = epoch
+            write_metrics(history, output_dir)
+    except KeyboardInterrupt:
+        if saved_epoch == 0:
+            sys.exit(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again")
+        last = output_dir / "last.pth"
+        print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue with:"
+              f"\n  {resume_command(last)}")  # fmt: skip
+        sys.exit(130)
+    best = load_checkpoint(output_dir / "best.pth")
+    model.load_state_dict(best["model"])
+    result = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
+    report_confusion(result, classes, output_dir / "confusion_matrix.png")
+    total = time.perf_counter() - started
+    print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}, "
+          f"{total / 60:.1f} min; outputs in {output_dir}")  # fmt: skip
+
+
+def check_compatible(checkpoint: dict, args, classes: list[str], path: Path) -> None:
+    """The checkpoint must be of this architecture and of this dataset's classes."""
+    if checkpoint["arch"] != args.arch:
+        raise TrainingError(
+            f"{path} holds {checkpoint['arch']}, not {args.arch}; pass --arch "
+            f"{checkpoint['arch']} or another checkpoint"
+        )
+    if checkpoint["classes"] != classes:
+        raise TrainingError(
+            f"{path} was trained on classes {checkpoint['classes']}, but {args.data_path} "
+            f"has {classes}"
+        )
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except TrainingError as e:
+        # Raised in a DataLoader worker, the message carries the worker's traceback: keep the
+        # last line, which is ours.
+        message = str(e)
+        if message.startswith("Caught TrainingError"):
+            message = message.strip().splitlines()[-1].split("TrainingError: ", 1)[-1]
+        sys.exit(f"{FAMILY}/train.py: error: {message}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(
+            f"{FAMILY}/train.py: error: CUDA ran out of memory; try a smaller --batch-size "
+            f"(for example half of the one used) or --amp bf16/fp16"
+        )

@@ -1,0 +1,373 @@
+"""train.py in every folder: end to end on the real sample, one contract, resume, bad input."""
+
+import ast
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES, REPO, SAMPLE, jpeg_bytes, load_module, needs_sample, run_script
+
+# Small inputs that every network still accepts, so that a CPU epoch takes seconds.
+SMALL = {
+    "lenet": ["--image-size", "32"],
+    "alexnet": ["--image-size", "64"],
+    "vgg": ["--arch", "vgg11_bn", "--image-size", "32"],
+    "googlenet": ["--image-size", "96"],
+    "resnet": ["--arch", "resnet18", "--image-size", "64"],
+}
+EPOCH_LINE = re.compile(
+    r"^epoch (\d+)/(\d+)  train_loss [\d.]+  train_acc [\d.]+  val_loss [\d.]+  "
+    r"val_acc ([\d.]+)  lr [\d.e+-]+  \d+s  \d+ img/s$"
+)
+
+
+def train(family: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    return run_script(REPO / family / "train.py", *args, **kwargs)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode not in (0, 130), result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "/train.py: error:" in last, result.stderr
+    for needle in needles:
+        assert needle in last, last
+
+
+@pytest.fixture(scope="session")
+def flowers(tmp_path_factory) -> Path:
+    """The real sample, split by split_data.py as a user would: 27 train / 3 val per class."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"the real flower sample is not at {SAMPLE} (../shared is absent)")
+    out = tmp_path_factory.mktemp("data") / "flower_data"
+    result = run_script(REPO / "split_data.py", "--source", SAMPLE, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A generated split with 3 classes, for the error paths."""
+    for split, n in (("train", 6), ("val", 2)):
+        for c, name in enumerate(("a", "b", "c")):
+            folder = tmp_path / "tiny" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f"{i}.jpg").write_bytes(jpeg_bytes(c * 50 + i, size=(80, 72)))
+    return tmp_path / "tiny"
+
+
+def load_model_module(family: str):
+    return load_module(REPO / family / "model.py", f"{family}_model_for_train_tests")
+
+
+def build_from_checkpoint(family: str, checkpoint: dict) -> torch.nn.Module:
+    module = load_model_module(family)
+    n = len(checkpoint["classes"])
+    if family == "lenet":
+        return module.LeNet(num_classes=n)
+    if family == "alexnet":
+        return module.AlexNet(num_classes=n)
+    if family == "googlenet":
+        return module.GoogLeNet(num_classes=n, aux_logits=True)
+    return module.ARCHS[checkpoint["arch"]](num_classes=n)
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@needs_sample
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers, tmp_path):
+    out = tmp_path / "run"
+    result = train(family, "--data-path", flowers, "--epochs", "2", "--output-dir", out,
+                   *SMALL[family])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("best.pth", "last.pth", "metrics.csv", "curves.png", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    epoch_lines = [m for m in map(EPOCH_LINE.match, result.stdout.splitlines()) if m]
+    assert [m.group(1, 2) for m in epoch_lines] == [("1", "2"), ("2", "2")]
+    assert "best val_acc" in result.stdout.splitlines()[-1]
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                            "seconds", "img_s"}  # fmt: skip
+    logged = [float(m.group(3)) for m in epoch_lines]
+    assert [float(r["val_acc"]) for r in rows] == pytest.approx(logged, abs=1e-3)
+
+    best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
+    last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    classes = sorted(p.name for p in (flowers / "train").iterdir())
+    assert best["family"] == family and best["classes"] == classes
+    assert best["image_size"] == int(SMALL[family][-1])
+    assert best["best_acc"] == pytest.approx(max(logged), abs=1e-3)
+    assert {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
+    model = build_from_checkpoint(family, best)
+    model.load_state_dict(best["model"], strict=True)
+
+    # The saved best checkpoint reproduces the logged accuracy.
+    check = train(family, "--data-path", flowers, "--output-dir", out, "--test-only",
+                  *SMALL[family])  # fmt: skip
+    assert check.returncode == 0, check.stderr[-3000:]
+    reported = re.search(r"val_acc ([\d.]+)", check.stdout.splitlines()[-1 - len(classes) - 1])
+    assert reported and float(reported.group(1)) == pytest.approx(best["best_acc"], abs=1e-4)
+
+
+@needs_sample
+def test_amp_off_and_default_both_learn(flowers, tmp_path):
+    losses = {}
+    for amp in ("off", "auto"):
+        result = train("resnet", "--data-path", flowers, "--epochs", "3", "--amp", amp,
+                       "--output-dir", tmp_path / amp, *SMALL["resnet"])  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / amp / "metrics.csv") as f:
+            losses[amp] = [float(r["train_loss"]) for r in csv.DictReader(f)]
+    for amp, curve in losses.items():
+        assert curve[-1] < curve[0] - 0.1, (amp, curve)
+
+
+# --- resume and interrupt --------------------------------------------------------------------
+
+
+def weights_of(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@needs_sample
+def test_interrupt_then_resume_gives_the_same_weights_as_a_straight_run(flowers, tmp_path):
+    common = ["--data-path", flowers, "--epochs", "3", "--workers", "0", *SMALL["resnet"]]
+    straight = train("resnet", *common, "--output-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(REPO / "resnet" / "train.py"), *map(str, common),
+           "--output-dir", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "last.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # during epoch 2 (or later: the result must not depend on it)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert "Traceback" not in stderr
+    if proc.returncode == 130:
+        assert "Continue with:" in stdout and "--resume" in stdout
+        assert not list(out.glob(".*.tmp*")), "a half-written file was left behind"
+    else:
+        assert proc.returncode == 0, stderr[-3000:]  # finished before the signal landed
+
+    resumed = train("resnet", *common, "--output-dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = weights_of(tmp_path / "straight" / "last.pth"), weights_of(out / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(out / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_sigterm_keeps_the_last_epoch_and_prints_the_resume_command(tiny, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "lenet" / "train.py"), "--data-path", str(tiny),
+           "--epochs", "400", "--workers", "0", "--output-dir", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MPLBACKEND": "Agg"})  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / "last.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert f"holds epoch {saved['epoch']}" in stdout
+    assert "--resume" in stdout.splitlines()[-1]
+
+
+# --- one contract in five files --------------------------------------------------------------
+
+
+def help_flags(family: str) -> dict[str, str]:
+    result = train(family, "--help")
+    assert result.returncode == 0, result.stderr
+    options = result.stdout.split("options:", 1)[1]
+    flags, current = {}, None
+    for line in options.splitlines():
+        match = re.match(r"^  (-[\w-]+(?:[ ,=][^ ]+)*?)(?:  +|$)(.*)", line)
+        if match and line.startswith("  -"):
+            names = re.findall(r"--?[\w-]+", match.group(1))
+            current = max(names, key=len)
+            flags[current] = match.group(2)
+        elif current and line.strip():
+            flags[current] += " " + line.strip()
+    return flags
+
+
+def test_the_five_scripts_share_the_same_core_flags_and_state_defaults():
+    core = {"--data-path", "--epochs", "--batch-size", "--lr", "--weight-decay", "--workers",
+            "--device", "--amp", "--image-size", "--seed", "--output-dir", "--resume",
+            "--test-only", "--dry-run", "--compile"}  # fmt: skip
+    family_flags = {"lenet": {"--dataset"}, "alexnet": set(), "googlenet": set(),
+                    "vgg": {"--arch", "--weights", "--freeze-backbone"},
+                    "resnet": {"--arch", "--weights", "--freeze-backbone"}}  # fmt: skip
+    for family in FAMILIES:
+        flags = help_flags(family)
+        assert set(flags) - {"--help"} == core | family_flags[family], family
+        for flag, text in flags.items():
+            if flag != "--help":
+                assert "default" in text, f"{family} {flag} does not state its default"
+
+
+SHARED = ["TrainingError", "pick_device", "cpu_has_fast_bf16", "pick_amp", "build_transforms",
+          "load_image", "check_image_size", "make_optimizer", "make_scheduler", "to_device",
+          "train_one_epoch", "evaluate", "save_checkpoint", "load_checkpoint", "write_atomically",
+          "write_metrics", "save_figure", "report_confusion", "resume_command",
+          "raise_keyboard_interrupt", "get_args_parser", "main", "check_compatible"]  # fmt: skip
+
+
+def definitions(family: str) -> dict[str, str]:
+    """The syntax tree of each top-level function and class of a train.py, and its main block."""
+    tree = ast.parse((REPO / family / "train.py").read_text())
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            if family == "lenet" and node.name == "load_image_folders":
+                node.name = "load_datasets"  # lenet's load_datasets wraps it for CIFAR-10 etc.
+            elif family == "lenet" and node.name == "load_datasets":
+                continue
+            found[node.name] = ast.dump(node)
+        elif isinstance(node, ast.If):
+            found["__main__"] = ast.dump(node)
+    return found
+
+
+def test_shared_functions_are_identical_in_the_five_files():
+    reference = definitions("resnet")
+    for family in FAMILIES:
+        theirs = definitions(family)
+        differing = [
+            name for name in [*SHARED, "load_datasets", "__main__"]
+            if theirs.get(name) != reference[name]
+        ]  # fmt: skip
+        assert differing == [], f"{family}/train.py differs from resnet/train.py in {differing}"
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_data_folder_says_to_run_split_data(tmp_path):
+    result = train("alexnet", "--data-path", tmp_path / "nowhere", "--output-dir", tmp_path / "o")
+    assert_one_line_error(result, "split_data.py")
+
+
+def test_train_and_val_with_different_classes(tiny, tmp_path):
+    (tiny / "val" / "c").rename(tiny / "val" / "z")
+    result = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / "o")
+    assert_one_line_error(result, "different classes")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_corrupt_image_is_named(tiny, tmp_path, workers):
+    good = jpeg_bytes(1, size=(300, 200))
+    (tiny / "train" / "b" / "broken.jpg").write_bytes(good[: len(good) // 3])
+    result = train("lenet", "--data-path", tiny, "--epochs", "1", "--workers", workers,
+                   "--output-dir", tmp_path / "o")  # fmt: skip
+    assert_one_line_error(result, "broken.jpg")
+
+
+def test_image_size_too_small_for_the_network(tiny, tmp_path):
+    result = train("googlenet", "--data-path", tiny, "--image-size", "32",
+                   "--output-dir", tmp_path / "o")  # fmt: skip
+    assert_one_line_error(result, "--image-size 32", "too small")
+
+
+def test_diverging_loss_stops_with_the_epoch_and_step(tiny, tmp_path):
+    result = train("lenet", "--data-path", tiny, "--lr", "1e30", "--epochs", "3",
+                   "-b", "4", "--output-dir", tmp_path / "o")  # fmt: skip
+    assert_one_line_error(result, "at epoch 1, step", "lower --lr")
+
+
+def test_resume_from_another_model_or_dataset_is_refused(tiny, tmp_path):
+    first = train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir", tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other_model = train("alexnet", "--data-path", tiny, "--output-dir", tmp_path / "b",
+                        "--resume", tmp_path / "a" / "last.pth", "--image-size", "64")  # fmt: skip
+    assert_one_line_error(other_model, "lenet model", "lenet/train.py")
+    (tiny / "train" / "c").rename(tiny / "train" / "d")
+    (tiny / "val" / "c").rename(tiny / "val" / "d")
+    other_data = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / "a", "--resume")
+    assert_one_line_error(other_data, "classes")
+
+
+def test_a_finished_run_is_not_overwritten(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir", out).returncode == 0
+    before = (out / "best.pth").read_bytes()
+    again = train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir", out)
+    assert_one_line_error(again, "--resume")
+    assert (out / "best.pth").read_bytes() == before
+
+
+def test_not_a_checkpoint_and_a_malicious_pickle_are_refused(tiny, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_text("not a checkpoint")
+    result = train("lenet", "--data-path", tiny, "--output-dir", out, "--resume")
+    assert_one_line_error(result, "not a checkpoint")
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"family": "lenet", "model": Exploit()}, out / "last.pth")
+    result = train("lenet", "--data-path", tiny, "--output-dir", out, "--resume")
+    assert_one_line_error(result, "not a checkpoint")
+    assert not marker.exists()
+
+
+# --- transfer learning -----------------------------------------------------------------------
+
+
+def test_weights_path_and_freeze_backbone_train_only_the_new_head(tiny, tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18-test.pth")
+    out = tmp_path / "run"
+    result = train("resnet", "--data-path", tiny, "--arch", "resnet18", "--image-size", "64",
+                   "--weights", tmp_path / "resnet18-test.pth", "--freeze-backbone",
+                   "--epochs", "1", "--output-dir", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = weights_of(out / "last.pth")
+    assert trained["fc.weight"].shape == (3, 512)
+    for name, tensor in reference.state_dict().items():
+        if name.startswith("fc.") or "running_" in name or "num_batches" in name:
+            continue
+        assert torch.equal(trained[name], tensor), f"{name} moved though it is frozen"
+
+
+def test_imagenet_weights_offline_names_the_path_option(tiny, tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "torch-home"), "https_proxy": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9"}  # fmt: skip
+    result = train("vgg", "--data-path", tiny, "--arch", "vgg11", "--weights", "imagenet",
+                   "--output-dir", tmp_path / "o", env=env)  # fmt: skip
+    assert_one_line_error(result, "--weights PATH")
+
+
+def test_freeze_backbone_without_weights_is_refused(tiny, tmp_path):
+    result = train("vgg", "--data-path", tiny, "--freeze-backbone", "--output-dir", tmp_path)
+    assert_one_line_error(result, "--freeze-backbone needs --weights")
