@@ -14,10 +14,30 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO.parent / "shared" / "data" / "flower_photos_sample"
 FAMILIES = ("lenet", "alexnet", "vgg", "googlenet", "resnet")
 
+# Small inputs that every network still accepts, so that a CPU epoch takes seconds.
+SMALL = {
+    "lenet": ["--image-size", "32"],
+    "alexnet": ["--image-size", "64"],
+    "vgg": ["--arch", "vgg11_bn", "--image-size", "32"],
+    "googlenet": ["--image-size", "96"],
+    "resnet": ["--arch", "resnet18", "--image-size", "64"],
+}
+
 needs_sample = pytest.mark.skipif(
     not SAMPLE.is_dir(),
     reason=f"the real flower sample is not at {SAMPLE} (../shared is absent on this machine)",
 )
+
+
+@pytest.fixture(scope="session")
+def flowers(tmp_path_factory) -> Path:
+    """The real sample, split by split_data.py as a user would: 27 train / 3 val per class."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"the real flower sample is not at {SAMPLE} (../shared is absent)")
+    out = tmp_path_factory.mktemp("data") / "flower_data"
+    result = run_script(REPO / "split_data.py", "--source", SAMPLE, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 def load_module(path: Path, name: str | None = None):
@@ -28,6 +48,20 @@ def load_module(path: Path, name: str | None = None):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_script(family: str, script: str):
+    """Import a folder's train.py or predict.py, with that folder's model.py as `model`."""
+    model = load_module(REPO / family / "model.py", f"{family}_model")
+    saved = sys.modules.get("model")
+    sys.modules["model"] = model
+    try:
+        return load_module(REPO / family / f"{script}.py", f"{family}_{script}")
+    finally:
+        if saved is None:
+            del sys.modules["model"]
+        else:
+            sys.modules["model"] = saved
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> bytes:

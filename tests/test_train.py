@@ -13,16 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAMILIES, REPO, SAMPLE, jpeg_bytes, load_module, needs_sample, run_script
+from conftest import FAMILIES, REPO, SMALL, jpeg_bytes, load_module, needs_sample, run_script
 
-# Small inputs that every network still accepts, so that a CPU epoch takes seconds.
-SMALL = {
-    "lenet": ["--image-size", "32"],
-    "alexnet": ["--image-size", "64"],
-    "vgg": ["--arch", "vgg11_bn", "--image-size", "32"],
-    "googlenet": ["--image-size", "96"],
-    "resnet": ["--arch", "resnet18", "--image-size", "64"],
-}
 EPOCH_LINE = re.compile(
     r"^epoch (\d+)/(\d+)  train_loss [\d.]+  train_acc [\d.]+  val_loss [\d.]+  "
     r"val_acc ([\d.]+)  lr [\d.e+-]+  \d+s  \d+ img/s$"
@@ -40,17 +32,6 @@ def assert_one_line_error(result, *needles):
     assert "/train.py: error:" in last, result.stderr
     for needle in needles:
         assert needle in last, last
-
-
-@pytest.fixture(scope="session")
-def flowers(tmp_path_factory) -> Path:
-    """The real sample, split by split_data.py as a user would: 27 train / 3 val per class."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"the real flower sample is not at {SAMPLE} (../shared is absent)")
-    out = tmp_path_factory.mktemp("data") / "flower_data"
-    result = run_script(REPO / "split_data.py", "--source", SAMPLE, "--out", out)
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 @pytest.fixture

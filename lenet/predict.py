@@ -1,0 +1,336 @@
+"""Predict the class of photos with the LeNet that lenet/train.py trained.
+
+    $ python lenet/predict.py photo.jpg
+    $ python lenet/predict.py photos/ more.png --topk 3
+    $ python lenet/predict.py photos/ --json > predictions.json
+
+Everything the model needs (architecture, class names, image size, mean and std) comes from
+the checkpoint, and images go through train.py's validation preprocessing. Unreadable files
+are named on stderr and the rest are still predicted; the exit code is 1 if any failed.
+"""
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from model import LeNet
+
+FOLDER = Path(__file__).resolve().parent
+FAMILY = "lenet"
+DEFAULT_ARCH = "lenet"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_GRID = 25  # images drawn in the figure of a many-image run
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(arch=None)
+
+
+def build_model(checkpoint: dict) -> nn.Module:
+    model = LeNet(num_classes=len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["model"])  # strict: every tensor must fit
+    return model
+
+
+class PredictError(Exception):
+    """A problem that stops the whole run, reported as one line without a traceback."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PredictError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PredictError("--device mps: MPS is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise PredictError(f"--device {name}: {e}") from e
+
+
+def load_checkpoint(path: Path, expected_arch: str | None) -> dict:
+    """Read a checkpoint of this family; never unpickles arbitrary objects."""
+    if not path.is_file():
+        arch = expected_arch or DEFAULT_ARCH
+        raise PredictError(
+            f"no checkpoint at {path}: train one first with `{train_command(arch)}`, "
+            f"or pass --weights PATH"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but plain data, with varied errors
+        raise PredictError(
+            f"{path} is not a checkpoint this script can read (only tensors and plain values "
+            f"are loaded, never other objects)"
+        ) from e
+    if not isinstance(checkpoint, dict) or not {"model", "family", "classes"} <= set(checkpoint):
+        raise PredictError(f"{path} is not a checkpoint written by a train.py of this project")
+    if checkpoint["family"] != FAMILY:
+        raise PredictError(
+            f"{path} holds a {checkpoint['family']} model ({checkpoint.get('arch')}), not a "
+            f"{FAMILY} one; use {checkpoint['family']}/predict.py"
+        )
+    if expected_arch is not None and checkpoint["arch"] != expected_arch:
+        raise PredictError(
+            f"{path} holds {checkpoint['arch']}, but --arch {expected_arch} was asked for; "
+            f"drop --arch or pass the matching --weights"
+        )
+    return checkpoint
+
+
+def train_command(arch: str) -> str:
+    arch_flag = f" --arch {arch}" if arch != DEFAULT_ARCH else ""
+    return f"python {FAMILY}/train.py{arch_flag}"
+
+
+def val_transform(image_size: int, mean: list[float], std: list[float]) -> T.Compose:
+    """Exactly train.py's validation preprocessing."""
+    return T.Compose(
+        [
+            T.Resize(round(image_size / 0.875), antialias=True),
+            T.CenterCrop(image_size),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def find_images(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """The image files named or found (recursively, sorted) in folders, and the problems."""
+    files, problems = [], []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )  # fmt: skip
+            if not found:
+                problems.append(f"{path}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image the way users have them: any mode to RGB, EXIF rotation applied.
+
+    Raises ValueError with a short reason for anything that is not a whole, sane image.
+    """
+    if path.stat().st_size == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)  # the first frame of a GIF or other animation
+                img.load()
+                img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(
+            f"too many pixels, refused as a possible decompression bomb ({e})"
+        ) from None
+    except UnidentifiedImageError:
+        raise ValueError("not an image Pillow can read") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"the image is damaged or truncated ({e})") from None
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit to 8-bit
+    elif img.mode == "F":
+        img = img.point(lambda v: v * 255).convert("L")  # floats in [0, 1]
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)  # transparent parts become white
+    return img.convert("RGB")
+
+
+def predict(model, images: list[Path], transform, device, args) -> tuple[list, list[str]]:
+    """Softmax probabilities of every readable image, in batches; problems named per file."""
+    results, problems = [], []
+    batches = range(0, len(images), args.batch_size)
+    bar = tqdm(batches, desc="predicting", unit="batch", disable=len(batches) < 2 or args.json)
+    for start in bar:
+        tensors, kept = [], []
+        for path in images[start : start + args.batch_size]:
+            try:
+                picture = load_image(path)
+            except ValueError as e:
+                problems.append(f"{path}: {e}")
+                continue
+            tensors.append(transform(picture))
+            kept.append((path, picture))
+        if not tensors:
+            continue
+        batch = torch.stack(tensors).to(device, memory_format=torch.channels_last)
+        with torch.no_grad():
+            probabilities = torch.softmax(model(batch).float(), dim=1).cpu()
+        results.extend(zip(kept, probabilities, strict=True))
+    return results, problems
+
+
+def top_k(probabilities: torch.Tensor, classes: list[str], k: int) -> list[tuple[str, float]]:
+    values, indices = probabilities.topk(k)
+    return [(classes[i], v) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
+def draw(results: list, classes: list[str], k: int, path: Path, show: bool) -> None:
+    """One image: the photo and a bar chart of its top k. Several: a grid of titled photos."""
+    import matplotlib.pyplot as plt  # here, so that --json runs never load a GUI toolkit
+
+    if len(results) == 1:
+        (file, picture), probabilities = results[0]
+        ranked = top_k(probabilities, classes, k)
+        fig, (ax_img, ax_bar) = plt.subplots(1, 2, figsize=(10, 4.5),
+                                             gridspec_kw={"width_ratios": [1.2, 1]})  # fmt: skip
+        ax_img.imshow(picture)
+        ax_img.set_title(f"{ranked[0][0]} ({ranked[0][1]:.1%})")
+        ax_img.axis("off")
+        names, values = zip(*reversed(ranked), strict=True)
+        ax_bar.barh(names, values, color="tab:blue")
+        ax_bar.set_xlim(0, 1)
+        ax_bar.set_xlabel("probability")
+        ax_bar.set_title(file.name)
+    else:
+        shown = results[:MAX_GRID]
+        cols = min(5, len(shown))
+        rows = math.ceil(len(shown) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, ((file, picture), probabilities) in zip(axes.flat, shown, strict=False):
+            name, p = top_k(probabilities, classes, 1)[0]
+            ax.imshow(picture)
+            ax.set_title(f"{name} ({p:.0%})\n{file.name[:28]}", fontsize=9)
+        if len(results) > len(shown):
+            fig.suptitle(f"the first {len(shown)} of {len(results)} images")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    if show and plt.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
+        plt.show()
+    plt.close(fig)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="IMAGE_OR_FOLDER",
+        help="image files and/or folders (searched recursively for images)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help=f"checkpoint written by train.py (default: {FAMILY}/runs/<arch>/best.pth)",
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=5,
+        help="how many classes to list per image (default: 5, at most the number of classes)",
+    )
+    parser.add_argument(
+        "-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, then MPS, then CPU)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as JSON on stdout, nothing else (default: off)",
+    )
+    parser.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="where to save the figure (default: prediction_<first image>.png "
+        "in the checkpoint's folder)",
+    )
+    parser.add_argument(
+        "--no-show",
+        action="store_true",
+        help="never open a window (default: open one where a display exists)",
+    )
+    add_model_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.topk < 1 or args.batch_size < 1:
+        raise PredictError("--topk and --batch-size must be at least 1")
+    weights = args.weights or FOLDER / "runs" / (args.arch or DEFAULT_ARCH) / "best.pth"
+    weights = weights.expanduser().resolve()
+    checkpoint = load_checkpoint(weights, args.arch)
+    device = pick_device(args.device)
+    classes = checkpoint["classes"]
+    try:
+        model = build_model(checkpoint)
+    except (RuntimeError, KeyError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise PredictError(f"{weights} does not fit {checkpoint.get('arch')}: {detail}") from e
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    k = min(args.topk, len(classes))
+
+    images, problems = find_images(args.inputs)
+    results, unreadable = predict(model, images, transform, device, args)
+    problems += unreadable
+    for problem in problems:
+        print(f"{FAMILY}/predict.py: error: {problem}", file=sys.stderr)
+
+    if args.json:
+        records = [
+            {"file": str(file), "top": [{"class": c, "probability": round(p, 6)}
+                                        for c, p in top_k(probabilities, classes, k)]}
+            for (file, _), probabilities in results
+        ]  # fmt: skip
+        print(json.dumps(records, indent=2))
+    else:
+        for (file, _), probabilities in results:
+            ranked = top_k(probabilities, classes, k)
+            print(f"{file}: {ranked[0][0]} {ranked[0][1]:.3f}")
+            for rank, (name, p) in enumerate(ranked, 1):
+                print(f"  {rank}. {name:<20} {p:.3f}")
+    if results and (args.save or not args.json):
+        figure = args.save or weights.parent / f"prediction_{results[0][0][0].stem}.png"
+        draw(results, classes, k, figure.expanduser(), show=not (args.no_show or args.json))
+        if not args.json:
+            print(f"figure saved to {figure}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except PredictError as e:
+        sys.exit(f"{FAMILY}/predict.py: error: {e}")

@@ -1,0 +1,278 @@
+"""predict.py in every folder: right answers, every image kind, bad input, safe loading."""
+
+import ast
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from conftest import FAMILIES, REPO, SMALL, jpeg_bytes, load_module, load_script, run_script
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def predict(family: str, *args, env=None):
+    return run_script(REPO / family / "predict.py", *args, env=env)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(flowers, tmp_path_factory) -> dict[str, Path]:
+    """best.pth of a short training of each family on the real sample."""
+    found = {}
+    for family in FAMILIES:
+        out = tmp_path_factory.mktemp(f"run_{family}")
+        result = run_script(REPO / family / "train.py", "--data-path", flowers, "--epochs", "1",
+                            "--output-dir", out, *SMALL[family])  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[family] = out / "best.pth"
+    return found
+
+
+def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tensor:
+    """What the checkpoint's network says of image, computed here without predict.py."""
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    model_py = load_module(REPO / family / "model.py", f"{family}_model_direct")
+    n, state = len(checkpoint["classes"]), checkpoint["model"]
+    if family == "googlenet":
+        model = model_py.GoogLeNet(num_classes=n, aux_logits=False)
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    elif family in ("vgg", "resnet"):
+        model = model_py.ARCHS[checkpoint["arch"]](num_classes=n)
+    else:
+        model = model_py.LeNet(num_classes=n) if family == "lenet" else model_py.AlexNet(n)
+    model.load_state_dict(state, strict=True)
+    size = checkpoint["image_size"]
+    pipeline = T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size),
+                          T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                          T.Normalize(checkpoint["mean"], checkpoint["std"])])  # fmt: skip
+    with Image.open(image) as img:
+        x = pipeline(img.convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        return torch.softmax(model.eval()(x), dim=1)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predictions_on_val_images_match_a_direct_forward_pass(family, checkpoints, flowers):
+    weights = checkpoints[family]
+    result = predict(family, flowers / "val", "--weights", weights, "--json", "--topk", "9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(result.stdout)
+    val_images = sorted(flowers.glob("val/*/*"))
+    assert [Path(r["file"]) for r in records] == val_images
+    for record in records:
+        top = record["top"]
+        assert len(top) == 5  # --topk 9 capped at the 5 classes
+        probabilities = [entry["probability"] for entry in top]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
+        assert all(0 <= p <= 1 for p in probabilities)
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    for record in records[:: max(1, len(records) // 4)]:
+        direct = direct_probabilities(family, weights, Path(record["file"]))
+        best = int(direct.argmax())
+        assert record["top"][0]["class"] == checkpoint["classes"][best]
+        assert record["top"][0]["probability"] == pytest.approx(direct[best].item(), abs=1e-4)
+
+
+def test_human_output_lists_the_top_k_and_saves_a_figure_headless(checkpoints, flowers, tmp_path):
+    image = sorted(flowers.glob("val/roses/*"))[0]
+    env = {"MPLBACKEND": ""}  # no backend forced: matplotlib must fall back by itself
+    result = predict("resnet", image, "--weights", checkpoints["resnet"], "--topk", "3", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{image}: ")
+    assert [line.split()[0] for line in lines[1:4]] == ["1.", "2.", "3."]
+    figure = checkpoints["resnet"].parent / f"prediction_{image.stem}.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert lines[-1] == f"figure saved to {figure}"
+
+    grid = tmp_path / "grid.png"
+    several = predict("lenet", flowers / "val", "--weights", checkpoints["lenet"], "--save", grid)
+    assert several.returncode == 0, several.stderr[-3000:]
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- images as users have them ---------------------------------------------------------------
+
+
+def save(img: Image.Image, path: Path, **kwargs) -> Path:
+    img.save(path, **kwargs)
+    return path
+
+
+def exif_rotated_jpeg(path: Path) -> Path:
+    """A 60 x 30 picture, red on its left half, stored with EXIF orientation 6 (turn 90 CW)."""
+    img = Image.new("RGB", (60, 30), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return save(img, path, format="JPEG", exif=exif.tobytes(), quality=95)
+
+
+def image_kinds(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.paste((0, 255, 0, 255), (0, 0, 20, 40))
+    sixteen = Image.new("I;16", (40, 40))
+    sixteen.paste(65535, (0, 0, 20, 40))
+    palette = Image.new("RGB", (40, 40), (10, 200, 30)).convert("P", palette=Image.ADAPTIVE)
+    gif_frames = [Image.new("RGB", (40, 40), c).convert("P") for c in ((255, 255, 0), (0, 0, 0))]
+    gif = folder / "animated.gif"
+    gif_frames[0].save(gif, save_all=True, append_images=gif_frames[1:])
+    return {
+        "rgba.png": save(rgba, folder / "rgba.png"),
+        "cmyk.jpg": save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), folder / "cmyk.jpg"),
+        "rotated.jpg": exif_rotated_jpeg(folder / "rotated.jpg"),
+        "gray.png": save(Image.new("L", (40, 40), 90), folder / "gray.png"),
+        "palette.png": save(palette, folder / "palette.png"),
+        "sixteen.png": save(sixteen, folder / "sixteen.png"),
+        "animated.gif": gif,
+        "photo.webp": save(Image.new("RGB", (40, 40), (9, 99, 199)), folder / "photo.webp"),
+        "photo.bmp": save(Image.new("RGB", (40, 40), (199, 99, 9)), folder / "photo.bmp"),
+    }
+
+
+def test_load_image_converts_every_kind_to_upright_rgb(tmp_path):
+    load_image = load_script("lenet", "predict").load_image
+    kinds = image_kinds(tmp_path / "kinds")
+    for name, path in kinds.items():
+        img = load_image(path)
+        assert img.mode == "RGB", name
+    rotated = load_image(kinds["rotated.jpg"])
+    assert rotated.size == (30, 60)  # turned upright: now tall
+    red_top = rotated.getpixel((15, 10))
+    assert red_top[0] > 200 and red_top[2] < 60, red_top  # the red half is on top after turning
+    assert load_image(kinds["rgba.png"]).getpixel((30, 20)) == (255, 255, 255)  # transparent
+    assert load_image(kinds["rgba.png"]).getpixel((5, 20)) == (0, 255, 0)
+    sixteen = load_image(kinds["sixteen.png"])
+    assert sixteen.getpixel((5, 5)) == (255, 255, 255) and sixteen.getpixel((30, 5)) == (0, 0, 0)
+    cyan_free = load_image(kinds["cmyk.jpg"]).getpixel((20, 20))
+    assert cyan_free[0] > 200 and cyan_free[1] < 60 and cyan_free[2] < 60  # CMYK M+Y is red
+    assert load_image(kinds["animated.gif"]).getpixel((5, 5))[:2] == (255, 255)  # first frame
+
+
+def bomb_png(path: Path) -> Path:
+    """A PNG whose header claims 20000 x 20000 pixels (over Pillow's limit), a few bytes long."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1000)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
+                     + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
+def test_every_image_kind_is_predicted_and_every_bad_file_is_named(checkpoints, tmp_path):
+    kinds = image_kinds(tmp_path / "kinds")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = jpeg_bytes(3, size=(200, 160))
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (bad / "notes.jpg").write_text("a text file that calls itself a JPEG\n")
+    (bad / "empty.jpg").write_bytes(b"")
+    bomb_png(bad / "bomb.png")
+    (tmp_path / "empty_folder").mkdir()
+    missing = tmp_path / "missing.jpg"
+    result = predict("lenet", tmp_path / "kinds", bad, tmp_path / "empty_folder", missing,
+                     "--weights", checkpoints["lenet"], "--json")  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    predicted = {Path(r["file"]).name for r in json.loads(result.stdout)}
+    assert predicted == set(kinds)
+    errors = result.stderr.strip().splitlines()
+    assert all(line.startswith("lenet/predict.py: error: ") for line in errors)
+    expected = {
+        "truncated.jpg": "truncated",
+        "notes.jpg": "not an image",
+        "empty.jpg": "empty",
+        "bomb.png": "decompression bomb",
+        "empty_folder": "no images",
+        "missing.jpg": "no such file",
+    }
+    for name, reason in expected.items():
+        assert any(name in line and reason in line for line in errors), (name, errors)
+    assert len(errors) == len(expected)
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    weights = tmp_path / "best.pth"
+    torch.save({"family": "resnet", "model": Exploit(), "classes": ["a"]}, weights)
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes(1))
+    result = predict("resnet", image, "--weights", weights)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "not a checkpoint" in result.stderr
+    assert not marker.exists()
+
+
+def test_checkpoint_problems_are_one_clear_line(checkpoints, tmp_path):
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes(1))
+    text = tmp_path / "text.pth"
+    text.write_text("hello")
+    cases = [
+        (("resnet", image, "--arch", "resnet50"),
+         ["no checkpoint", "resnet/train.py --arch resnet50"]),
+        (("googlenet", image, "--weights", tmp_path / "nope.pth"), ["googlenet/train.py"]),
+        (("vgg", image, "--weights", checkpoints["resnet"]), ["resnet model", "resnet/predict.py"]),
+        (("resnet", image, "--weights", checkpoints["resnet"], "--arch", "resnet34"),
+         ["holds resnet18", "--arch resnet34"]),
+        (("lenet", image, "--weights", text), ["not a checkpoint"]),
+    ]  # fmt: skip
+    for (family, *args), needles in cases:
+        result = predict(family, *args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+
+
+# --- the same preprocessing and the same code in five files ----------------------------------
+
+
+def test_preprocessing_is_train_py_validation_path():
+    train_py = load_script("resnet", "train")
+    predict_py = load_script("resnet", "predict")
+    img = Image.open(io.BytesIO(jpeg_bytes(5, size=(333, 250)))).convert("RGB")
+    for size in (32, 96, 224):
+        expected = train_py.build_transforms(size)[1](img)
+        got = predict_py.val_transform(size, train_py.MEAN, train_py.STD)(img)
+        assert torch.equal(expected, got)
+
+
+def test_shared_predict_functions_are_identical_in_the_five_files():
+    def definitions(family):
+        tree = ast.parse((REPO / family / "predict.py").read_text())
+        return {
+            getattr(node, "name", "__main__"): ast.dump(node)
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.If)
+        }
+
+    reference = definitions("resnet")
+    family_specific = {"add_model_args", "build_model"}
+    for family in FAMILIES:
+        theirs = definitions(family)
+        assert set(theirs) == set(reference), family
+        differing = [n for n in reference if n not in family_specific and theirs[n] != reference[n]]
+        assert differing == [], f"{family}/predict.py differs from resnet's in {differing}"
