@@ -19,6 +19,8 @@ import shlex
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from model import GoogLeNet, GoogLeNetOutputs
@@ -105,7 +108,11 @@ def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
-    """Training augmentation and the validation preprocessing (predict.py repeats the latter)."""
+    """Training augmentation and the validation preprocessing (predict.py repeats the latter).
+
+    Both take a PIL image or a uint8 tensor. The first two steps of the validation pipeline
+    are its deterministic resize and crop, which --cache applies once (see cache_images).
+    """
     train = T.Compose(
         [
             T.RandomResizedCrop(image_size, antialias=True),
@@ -127,15 +134,54 @@ def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
     return train, val
 
 
-def load_image(path: str) -> Image.Image:
-    """Open an image as RGB, naming the file when it cannot be read."""
+def load_image(path: str, draft: int | None = None) -> Image.Image:
+    """Open an image as RGB, naming the file when it cannot be read.
+
+    With draft, a JPEG is decoded at a reduced scale (1/2 to 1/8) that still keeps both sides
+    at least draft pixels: much faster for small networks, and crops keep their detail.
+    """
     try:
         with Image.open(path) as img:
+            if draft:
+                img.draft("RGB", (draft, draft))
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise TrainingError(
             f"cannot read image {path} ({e}); remove it or run split_data.py again"
         ) from e
+
+
+class CachedImages(Dataset):
+    """A dataset decoded once into memory as uint8 tensors, and transformed from there.
+
+    prepare runs once per image (decode, shrink); transform on every access (augmentation).
+    """
+
+    def __init__(self, folder: ImageFolder, prepare, transform, workers: int) -> None:
+        self.targets = folder.targets
+        self.transform = transform
+        paths = [path for path, _ in folder.samples]
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow releases the GIL
+            decoded = pool.map(lambda path: prepare(folder.loader(path)), paths)
+            self.images = list(tqdm(decoded, total=len(paths), desc="caching", leave=False))
+        self.nbytes = sum(image.numel() for image in self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]), self.targets[index]
+
+
+def shrink_to(shorter: int):
+    """A function that makes a uint8 tensor of a PIL image whose shorter side is at most shorter."""
+
+    def prepare(image: Image.Image) -> torch.Tensor:
+        if min(image.size) > shorter:
+            image = TF.resize(image, shorter, antialias=True)
+        return TF.pil_to_tensor(image)
+
+    return prepare
 
 
 def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]]:
@@ -148,8 +194,10 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
                 f"data folder {folder} not found: run `python split_data.py` first "
                 f"(or pass --data-path DIR with train/ and val/ inside)"
             )
+    # Training crops come from JPEGs decoded at no less than twice the crop size.
+    train_loader = partial(load_image, draft=2 * args.image_size)
     try:
-        train_set = ImageFolder(folders["train"], train_tf, loader=load_image)
+        train_set = ImageFolder(folders["train"], train_tf, loader=train_loader)
         val_set = ImageFolder(folders["val"], val_tf, loader=load_image)
     except (FileNotFoundError, OSError) as e:
         raise TrainingError(f"{e}; run `python split_data.py` to make the split") from e
@@ -158,7 +206,18 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
             f"train/ and val/ of {args.data_path} have different classes "
             f"({train_set.classes} vs {val_set.classes}); run `python split_data.py` again"
         )
-    return train_set, val_set, train_set.classes
+    classes = train_set.classes
+    if args.cache:
+        # Training keeps at most twice the crop size to crop from; validation keeps the
+        # output of its deterministic resize and crop, so its results do not change.
+        val_prepare = T.Compose([*val_tf.transforms[:2], T.PILToTensor()])
+        train_set = CachedImages(train_set, shrink_to(2 * args.image_size), train_tf,
+                                 args.workers)  # fmt: skip
+        val_set = CachedImages(val_set, val_prepare, T.Compose(val_tf.transforms[2:]),
+                               args.workers)  # fmt: skip
+        mib = (train_set.nbytes + val_set.nbytes) / 2**20
+        print(f"cached {len(train_set) + len(val_set)} decoded images in memory ({mib:.0f} MiB)")
+    return train_set, val_set, classes
 
 
 def check_image_size(model: nn.Module, args: argparse.Namespace, device: torch.device) -> None:
@@ -476,6 +535,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="one training and one validation batch per epoch, a smoke test (default: off)",
+    )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="decode every image once into memory and augment from there: "
+        "fastest when decoding is the bottleneck (small images, GPUs); needs "
+        "RAM for the decoded images (default: off)",
     )
     parser.add_argument(
         "--compile",
