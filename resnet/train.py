@@ -24,13 +24,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torchvision
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
@@ -137,6 +139,24 @@ def pick_device(name: str) -> torch.device:
         raise TrainingError(f"--device {name}: {e}") from e
 
 
+def init_distributed(args: argparse.Namespace) -> torch.device:
+    """Join the torchrun job if there is one; return this process's device.
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK: one process per GPU talking over NCCL, or
+    processes on the CPU talking over gloo. A plain `python train.py` is a world of one.
+    """
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.rank = int(os.environ.get("RANK", 0))
+    args.distributed = args.world_size > 1
+    device = pick_device(args.device)
+    if args.distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if args.distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU has native bfloat16 (AVX-512 BF16 or AMX); elsewhere bf16 is slower."""
     try:
@@ -225,6 +245,34 @@ class CachedImages(Dataset):
         return self.transform(self.images[index]), self.targets[index]
 
 
+class EpochSampler(DistributedSampler):
+    """This process's share of a seeded shuffle, as (epoch, index) keys for SeededSamples."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """Draws each sample's augmentation from its own seed (seed, epoch, index).
+
+    The random crops then do not depend on how samples are spread over processes and loader
+    workers, nor on what ran before: a resumed or a distributed run sees the same images.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+            return self.dataset[index]
+
+
 def shrink_to(shorter: int):
     """A function that makes a uint8 tensor of a PIL image whose shorter side is at most shorter."""
 
@@ -268,7 +316,8 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
         val_set = CachedImages(val_set, val_prepare, T.Compose(val_tf.transforms[2:]),
                                args.workers)  # fmt: skip
         mib = (train_set.nbytes + val_set.nbytes) / 2**20
-        print(f"cached {len(train_set) + len(val_set)} decoded images in memory ({mib:.0f} MiB)")
+        if args.rank == 0:
+            print(f"cached {len(train_set) + len(val_set)} decoded images ({mib:.0f} MiB)")
     return train_set, val_set, classes
 
 
@@ -327,7 +376,7 @@ def train_one_epoch(
     seen, loss_sum, correct = 0, 0.0, 0
     steps = 1 if args.dry_run else len(loader)
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs} train", leave=False,
-               dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+               dynamic_ncols=True, mininterval=1.0, disable=args.rank != 0)  # fmt: skip
     start = time.perf_counter()
     for step, (images, targets) in enumerate(bar, 1):
         images, targets = to_device(images, targets, device)
@@ -356,18 +405,27 @@ def train_one_epoch(
             break
     bar.close()
     seconds = time.perf_counter() - start
+    if args.distributed:  # totals over every process
+        totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        seen, loss_sum, correct = int(totals[0]), totals[1].item(), int(totals[2])
     return {"loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
             "img_s": seen / seconds}  # fmt: skip
 
 
 @torch.no_grad()
 def evaluate(model, criterion, loader, device, amp_dtype, args, desc="val") -> dict:
-    """Loss and accuracy of the main head on every sample of loader, plus the predictions."""
+    """Loss and accuracy of the main head on every sample of val, plus the predictions.
+
+    Distributed, each process evaluates every world_size-th sample and the results are
+    gathered, so every sample counts exactly once.
+    """
     model.eval()
     seen, loss_sum = 0, 0.0
     predictions, labels = [], []
     steps = 1 if args.dry_run else len(loader)
-    bar = tqdm(loader, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(loader, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
+               disable=args.rank != 0)  # fmt: skip
     for step, (images, targets) in enumerate(bar, 1):
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -380,6 +438,13 @@ def evaluate(model, criterion, loader, device, amp_dtype, args, desc="val") -> d
             break
     bar.close()
     predictions, labels = torch.cat(predictions), torch.cat(labels)
+    if args.distributed:
+        parts = [None] * args.world_size
+        dist.all_gather_object(parts, (loss_sum, predictions, labels))
+        loss_sum = sum(part[0] for part in parts)
+        predictions = torch.cat([part[1] for part in parts])
+        labels = torch.cat([part[2] for part in parts])
+        seen = labels.numel()
     return {"loss": loss_sum / seen, "acc": (predictions == labels).float().mean().item(),
             "predictions": predictions, "labels": labels}  # fmt: skip
 
@@ -589,6 +654,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="one training and one validation batch per epoch, a smoke test (default: off)",
     )
     parser.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: batch norm statistics over all processes (default: off)",
+    )
+    parser.add_argument(
         "--cache",
         action="store_true",
         help="decode every image once into memory and augment from there: "
@@ -613,7 +683,10 @@ def main(args: argparse.Namespace) -> None:
     args.data_path = args.data_path.expanduser().resolve()
     output_dir = args.output_dir or FOLDER / "runs" / args.arch
     output_dir = output_dir.expanduser().resolve()
-    device = pick_device(args.device)
+    device = init_distributed(args)
+    is_main = args.rank == 0  # only it prints, plots and writes checkpoints
+    if args.sync_bn and args.distributed and device.type != "cuda":
+        raise TrainingError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     amp_dtype = pick_amp(args.amp, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -627,20 +700,27 @@ def main(args: argparse.Namespace) -> None:
         "pin_memory": device.type == "cuda",
         "persistent_workers": args.workers > 0,
     }
-    # The shuffle order is drawn from this generator, seeded anew each epoch, so a resumed run
-    # sees the same batches as an uninterrupted one.
-    order = torch.Generator()
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
-                              generator=order, **loader_kwargs)  # fmt: skip
-    val_loader = DataLoader(val_set, shuffle=False, **loader_kwargs)
+    # A shuffle seeded by (seed, epoch), split over the processes; with per-sample seeds for
+    # the augmentation, a resumed run sees exactly the batches an uninterrupted one would.
+    sampler = EpochSampler(train_set, num_replicas=args.world_size, rank=args.rank,
+                           shuffle=True, seed=args.seed, drop_last=True)  # fmt: skip
+    train_loader = DataLoader(SeededSamples(train_set, args.seed), sampler=sampler,
+                              drop_last=len(sampler) > args.batch_size,
+                              **loader_kwargs)  # fmt: skip
+    val_shard = Subset(val_set, range(args.rank, len(val_set), args.world_size))
+    val_loader = DataLoader(val_shard, shuffle=False, **loader_kwargs)
 
     model = build_model(args, len(classes)).to(device, memory_format=torch.channels_last)
     check_image_size(model, args, device)
+    if args.sync_bn and args.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = nn.CrossEntropyLoss()
     amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-    print(f"{args.arch} on {device}, amp {amp_name}, channels_last, {args.workers} workers, "
-          f"batch {args.batch_size}: {len(train_set)} train / {len(val_set)} val images, "
-          f"{len(classes)} classes")  # fmt: skip
+    if is_main:
+        world = f"{args.world_size} processes x " if args.distributed else ""
+        print(f"{args.arch} on {device}, amp {amp_name}, channels_last, {args.workers} workers, "
+              f"batch {world}{args.batch_size}: {len(train_set)} train / {len(val_set)} val "
+              f"images, {len(classes)} classes")  # fmt: skip
 
     if args.test_only:
         path = Path(args.resume) if args.resume not in (None, "last") else output_dir / "best.pth"
@@ -648,9 +728,10 @@ def main(args: argparse.Namespace) -> None:
         check_compatible(checkpoint, args, classes, path)
         model.load_state_dict(checkpoint["model"])
         result = evaluate(model, criterion, val_loader, device, amp_dtype, args)
-        print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        report_confusion(result, classes, output_dir / "confusion_matrix.png")
+        if is_main:
+            print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            report_confusion(result, classes, output_dir / "confusion_matrix.png")
         return
 
     optimizer = make_optimizer(model, args)
@@ -675,30 +756,42 @@ def main(args: argparse.Namespace) -> None:
         history = checkpoint["history"]
         start_epoch = checkpoint["epoch"] + 1
         best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
-        print(f"resumed from {path} at epoch {checkpoint['epoch']}")
+        if is_main:
+            print(f"resumed from {path} at epoch {checkpoint['epoch']}")
     elif (output_dir / "last.pth").exists():
         raise TrainingError(
             f"{output_dir} already holds a run: continue it with --resume, or pass "
             f"--output-dir for a new one"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    train_model = torch.compile(model) if args.compile else model
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    train_model = model
+    if args.distributed:
+        device_ids = None if device.type == "cpu" else [device.index]
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        train_model = torch.compile(train_model)
 
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     started = time.perf_counter()
     epoch, saved_epoch = start_epoch, start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs + 1):
-            order.manual_seed(args.seed * 1000 + epoch)
+            sampler.set_epoch(epoch)
             train = train_one_epoch(train_model, criterion, optimizer, scheduler, scaler,
                                     train_loader, device, amp_dtype, epoch, args)  # fmt: skip
-            val = evaluate(train_model, criterion, val_loader, device, amp_dtype, args)
+            val = evaluate(model, criterion, val_loader, device, amp_dtype, args)
             lr = optimizer.param_groups[0]["lr"]
             history.append({
                 "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                 "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
                 "seconds": train["seconds"], "img_s": train["img_s"],
             })  # fmt: skip
+            improved = val["acc"] > best_acc
+            if improved:
+                best_acc, best_epoch = val["acc"], epoch
+            if not is_main:
+                continue
             print(f"epoch {epoch}/{args.epochs}  train_loss {train['loss']:.3f}  "
                   f"train_acc {train['acc']:.3f}  val_loss {val['loss']:.3f}  "
                   f"val_acc {val['acc']:.3f}  lr {lr:.1e}  {train['seconds']:.0f}s  "
@@ -710,8 +803,7 @@ def main(args: argparse.Namespace) -> None:
                 "epoch": epoch, "val_acc": val["acc"],
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             }  # fmt: skip
-            if val["acc"] > best_acc:
-                best_acc, best_epoch = val["acc"], epoch
+            if improved:
                 save_checkpoint({**state, "best_acc": best_acc, "best_epoch": best_epoch},
                                 output_dir / "best.pth")  # fmt: skip
             save_checkpoint({
@@ -723,15 +815,21 @@ def main(args: argparse.Namespace) -> None:
             saved_epoch = epoch
             write_metrics(history, output_dir)
     except KeyboardInterrupt:
+        if not is_main:
+            sys.exit(130)
         if saved_epoch == 0:
             sys.exit(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again")
         last = output_dir / "last.pth"
         print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue with:"
               f"\n  {resume_command(last)}")  # fmt: skip
         sys.exit(130)
+    if args.distributed:
+        dist.barrier()  # best.pth is written
     best = load_checkpoint(output_dir / "best.pth")
     model.load_state_dict(best["model"])
     result = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
+    if not is_main:
+        return
     report_confusion(result, classes, output_dir / "confusion_matrix.png")
     total = time.perf_counter() - started
     print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}, "
@@ -761,9 +859,13 @@ if __name__ == "__main__":
         message = str(e)
         if message.startswith("Caught TrainingError"):
             message = message.strip().splitlines()[-1].split("TrainingError: ", 1)[-1]
-        sys.exit(f"{FAMILY}/train.py: error: {message}")
+        rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
+        sys.exit(f"{rank}{FAMILY}/train.py: error: {message}")
     except torch.cuda.OutOfMemoryError:
         sys.exit(
             f"{FAMILY}/train.py: error: CUDA ran out of memory; try a smaller --batch-size "
             f"(for example half of the one used) or --amp bf16/fp16"
         )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

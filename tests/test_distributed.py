@@ -1,0 +1,145 @@
+"""train.py under torchrun: DistributedDataParallel on the CPU with gloo, two processes."""
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL, jpeg_bytes, needs_sample, run_script
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(family: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*TORCHRUN, str(REPO / family / "train.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def weights_of(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@needs_sample
+def test_two_processes_write_one_set_of_outputs_and_report_the_true_accuracy(flowers, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun("resnet", "--data-path", flowers, "--epochs", "2", "--output-dir", out,
+                      *SMALL["resnet"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2, result.stdout  # printed once, by rank 0
+    assert "2 processes x 32" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pth", "confusion_matrix.png", "curves.png", "last.pth", "metrics.csv"
+    ]  # fmt: skip
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+    # The distributed validation counted every val image once: a single process agrees.
+    best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
+    check = run_script(REPO / "resnet" / "train.py", "--data-path", flowers, "--output-dir", out,
+                       "--test-only", *SMALL["resnet"])  # fmt: skip
+    assert check.returncode == 0, check.stderr[-3000:]
+    single = float(re.search(r"best.pth: val_loss [\d.]+  val_acc ([\d.]+)", check.stdout)[1])
+    assert single == pytest.approx(best["best_acc"], abs=1e-4)
+    assert max(float(r["val_acc"]) for r in rows) == pytest.approx(single, abs=1e-4)
+
+
+@needs_sample
+def test_one_step_on_two_processes_equals_one_step_on_one_with_twice_the_batch(flowers, tmp_path):
+    # LeNet has neither batch norm nor dropout: the only difference is where the sum happens.
+    common = ["--data-path", flowers, "--epochs", "1", "--dry-run", "--amp", "off",
+              "--workers", "0", "--image-size", "32"]  # fmt: skip
+    two = torchrun("lenet", *common, "-b", "8", "--output-dir", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_script(REPO / "lenet" / "train.py", *common, "-b", "16",
+                     "--output-dir", tmp_path / "one")  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    one_ckpt = torch.load(tmp_path / "one" / "last.pth", weights_only=True)
+    two_ckpt = torch.load(tmp_path / "two" / "last.pth", weights_only=True)
+    for name, tensor in two_ckpt["model"].items():
+        torch.testing.assert_close(tensor, one_ckpt["model"][name], rtol=1e-4, atol=1e-6)
+    # The logged loss and accuracy are over all 16 images, not rank 0's 8.
+    for key in ("train_loss", "train_acc"):
+        assert two_ckpt["history"][0][key] == pytest.approx(one_ckpt["history"][0][key])
+
+
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="SyncBatchNorm runs on GPUs only in PyTorch: needs 2 CUDA devices",
+)
+@needs_sample
+def test_sync_bn_step_on_two_gpus_equals_one_gpu_with_twice_the_batch(flowers, tmp_path):
+    common = ["--data-path", flowers, "--epochs", "1", "--dry-run", "--amp", "off",
+              "--workers", "0", "--arch", "resnet18", "--image-size", "64"]  # fmt: skip
+    two = torchrun("resnet", *common, "--sync-bn", "-b", "8", "--output-dir", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_script(REPO / "resnet" / "train.py", *common, "-b", "16",
+                     "--output-dir", tmp_path / "one")  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = weights_of(tmp_path / "two" / "last.pth"), weights_of(tmp_path / "one" / "last.pth")
+    for name in a:
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=1e-3, atol=1e-5)
+
+
+def test_sync_bn_on_cpu_is_refused_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(4):
+                (data / split / name / f"{i}.jpg").write_bytes(jpeg_bytes(i, size=(64, 64)))
+    result = torchrun("resnet", "--data-path", data, "--sync-bn", "--output-dir", tmp_path / "o",
+                      "--device", "cpu", "--arch", "resnet18", "--image-size", "64")  # fmt: skip
+    assert result.returncode != 0
+    assert "--sync-bn needs GPUs" in result.stderr
+
+
+@needs_sample
+def test_interrupted_torchrun_resumes_to_the_same_weights(flowers, tmp_path):
+    common = ["--data-path", flowers, "--epochs", "3", "--workers", "0", *SMALL["resnet"]]
+    straight = torchrun("resnet", *common, "--output-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*TORCHRUN, str(REPO / "resnet" / "train.py"), *map(str, common),
+                             "--output-dir", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out / "last.pth").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    proc.communicate(timeout=300)
+
+    resumed = torchrun("resnet", *common, "--output-dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = weights_of(tmp_path / "straight" / "last.pth")
+    b = weights_of(out / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failure_in_one_process_ends_the_job_with_a_clear_message(tmp_path):
+    data = tmp_path / "data"
+    for split, n in (("train", 12), ("val", 2)):
+        for c, name in enumerate(("a", "b")):
+            (data / split / name).mkdir(parents=True)
+            for i in range(n):
+                (data / split / name / f"{i}.jpg").write_bytes(jpeg_bytes(c * 20 + i))
+    good = jpeg_bytes(5, size=(200, 150))
+    (data / "train" / "a" / "broken.jpg").write_bytes(good[: len(good) // 3])
+    start = time.monotonic()
+    result = torchrun("lenet", "--data-path", data, "--epochs", "2", "--workers", "0",
+                      "-b", "4", "--output-dir", tmp_path / "o", timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert time.monotonic() - start < 300
+    assert re.search(r"\[rank \d\] lenet/train.py: error: cannot read image .*broken.jpg",
+                     result.stderr), result.stderr[-3000:]  # fmt: skip
