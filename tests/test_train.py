@@ -198,7 +198,7 @@ def help_flags(family: str) -> dict[str, str]:
 def test_the_five_scripts_share_the_same_core_flags_and_state_defaults():
     core = {"--data-path", "--epochs", "--batch-size", "--lr", "--weight-decay", "--workers",
             "--device", "--amp", "--image-size", "--seed", "--output-dir", "--resume",
-            "--test-only", "--dry-run", "--compile"}  # fmt: skip
+            "--test-only", "--dry-run", "--compile", "--cache", "--sync-bn"}  # fmt: skip
     family_flags = {"lenet": {"--dataset"}, "alexnet": set(), "googlenet": set(),
                     "vgg": {"--arch", "--weights", "--freeze-backbone"},
                     "resnet": {"--arch", "--weights", "--freeze-backbone"}}  # fmt: skip
@@ -352,3 +352,16 @@ def test_imagenet_weights_offline_names_the_path_option(tiny, tmp_path):
 def test_freeze_backbone_without_weights_is_refused(tiny, tmp_path):
     result = train("vgg", "--data-path", tiny, "--freeze-backbone", "--output-dir", tmp_path)
     assert_one_line_error(result, "--freeze-backbone needs --weights")
+
+
+def test_lenet_tutorial_dataset_offline_is_one_line(tmp_path):
+    # The download must fail here: a proxy on a closed local port stands in for "no network".
+    env = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}  # fmt: skip
+    copy = tmp_path / "repo"
+    for name in ("lenet/train.py", "lenet/model.py"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_text((REPO / name).read_text())
+    result = run_script(copy / "lenet" / "train.py", "--dataset", "cifar10",
+                        "--output-dir", tmp_path / "o", env=env)  # fmt: skip
+    assert_one_line_error(result, "cannot get cifar10", "--dataset flowers")
