@@ -124,7 +124,7 @@ def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
     """Training augmentation and the validation preprocessing (predict.py repeats the latter).
 
     Both take a PIL image or a uint8 tensor. The first two steps of the validation pipeline
-    are its deterministic resize and crop, which --cache applies once (see cache_images).
+    are its deterministic resize and crop, which --cache applies once (see load_datasets).
     """
     train = T.Compose(
         [
@@ -209,9 +209,15 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+        # The CPU generator alone (torch.manual_seed would also queue every GPU's: 50x slower),
+        # put back afterwards so the training process's own random stream is untouched.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(state)
 
 
 def shrink_to(shorter: int):
@@ -260,6 +266,37 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
         if args.rank == 0:
             print(f"cached {len(train_set) + len(val_set)} decoded images ({mib:.0f} MiB)")
     return train_set, val_set, classes
+
+
+def build_loaders(
+    train_set: Dataset, val_set: Dataset, args: argparse.Namespace, device: torch.device
+) -> tuple[EpochSampler, DataLoader, DataLoader]:
+    """This process's training and validation loaders, and the sampler to tell the epoch."""
+    loader_kwargs = {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": args.workers > 0,
+    }
+    # A shuffle seeded by (seed, epoch), split over the processes; with per-sample seeds for
+    # the augmentation, a resumed run sees exactly the batches an uninterrupted one would.
+    sampler = EpochSampler(
+        train_set,
+        num_replicas=args.world_size,
+        rank=args.rank,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+    )
+    train_loader = DataLoader(
+        SeededSamples(train_set, args.seed),
+        sampler=sampler,
+        drop_last=len(sampler) > args.batch_size,
+        **loader_kwargs,
+    )
+    val_shard = Subset(val_set, range(args.rank, len(val_set), args.world_size))
+    val_loader = DataLoader(val_shard, shuffle=False, **loader_kwargs)
+    return sampler, train_loader, val_loader  # fmt: skip
 
 
 def check_image_size(model: nn.Module, args: argparse.Namespace, device: torch.device) -> None:
@@ -635,21 +672,7 @@ def main(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = True
 
     train_set, val_set, classes = load_datasets(args)
-    loader_kwargs = {
-        "batch_size": args.batch_size,
-        "num_workers": args.workers,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": args.workers > 0,
-    }
-    # A shuffle seeded by (seed, epoch), split over the processes; with per-sample seeds for
-    # the augmentation, a resumed run sees exactly the batches an uninterrupted one would.
-    sampler = EpochSampler(train_set, num_replicas=args.world_size, rank=args.rank,
-                           shuffle=True, seed=args.seed, drop_last=True)  # fmt: skip
-    train_loader = DataLoader(SeededSamples(train_set, args.seed), sampler=sampler,
-                              drop_last=len(sampler) > args.batch_size,
-                              **loader_kwargs)  # fmt: skip
-    val_shard = Subset(val_set, range(args.rank, len(val_set), args.world_size))
-    val_loader = DataLoader(val_shard, shuffle=False, **loader_kwargs)
+    sampler, train_loader, val_loader = build_loaders(train_set, val_set, args, device)
 
     model = build_model(args, len(classes)).to(device, memory_format=torch.channels_last)
     check_image_size(model, args, device)

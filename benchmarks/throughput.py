@@ -36,17 +36,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / "shared" / "data" / "flower_photos_sample"
-# network name -> (folder, --arch or None, benchmark batch size, image size)
+# network -> (folder, --arch or None, batch size, image size, timed steps, accuracy epochs).
+# The timed steps outlast what the loader workers prefetch during warm-up (2 per worker), so
+# that data loading counts; cheap networks get more of them, and more epochs to learn.
 NETWORKS = {
-    "lenet": ("lenet", None, 64, 32),
-    "alexnet": ("alexnet", None, 32, 224),
-    "googlenet": ("googlenet", None, 16, 224),
-    "resnet34": ("resnet", "resnet34", 16, 224),
-    "vgg16": ("vgg", "vgg16", 16, 224),
-    "resnet18": ("resnet", "resnet18", 16, 224),
-    "resnet50": ("resnet", "resnet50", 16, 224),
-    "vgg11": ("vgg", "vgg11", 16, 224),
-    "vgg16_bn": ("vgg", "vgg16_bn", 16, 224),
+    "lenet": ("lenet", None, 64, 32, 40, 15),
+    "alexnet": ("alexnet", None, 32, 224, 12, 3),
+    "googlenet": ("googlenet", None, 16, 224, 6, 3),
+    "resnet34": ("resnet", "resnet34", 16, 224, 6, 3),
+    "vgg16": ("vgg", "vgg16", 16, 224, 4, 2),
+    "resnet18": ("resnet", "resnet18", 16, 224, 6, 3),
+    "resnet50": ("resnet", "resnet50", 16, 224, 6, 3),
+    "vgg11": ("vgg", "vgg11", 16, 224, 4, 2),
+    "vgg16_bn": ("vgg", "vgg16_bn", 16, 224, 4, 2),
 }
 DEFAULT_MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet34"]
 
@@ -104,15 +106,17 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     from torchvision import datasets
     from torchvision import transforms as classic_t
 
-    folder, arch, batch, size = NETWORKS[name]
+    folder, arch, batch, size, steps, epochs = NETWORKS[name]
     batch = args.batch_size or batch
+    steps = args.steps or steps
+    epochs = args.accuracy_epochs or epochs
     train_py = load_train_py(folder)
     device = train_py.pick_device(args.device)
     amp_dtype = train_py.pick_amp("auto", device)
     cpus = os.cpu_count() or 1
     criterion = nn.CrossEntropyLoss()
     # Enough photos for warm-up and timed steps, cycled if the folder is small.
-    needed = (args.warmup + args.steps) * batch
+    needed = (args.warmup + steps) * batch
 
     def cycle(dataset):
         repeats = -(-needed // len(dataset))
@@ -124,7 +128,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         if arch:
             argv += ["--arch", arch]
         namespace = parser.parse_args(argv)
-        vars(namespace).update(overrides)
+        vars(namespace).update(rank=0, world_size=1, distributed=False, **overrides)
         return namespace
 
     # (a) the classic recipe
@@ -162,16 +166,14 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         return model, step
 
     # (b) this project's train.py path
-    def ours_loaders(cache: bool, cycled=True):
+    def ours_loaders(cache: bool):
         ours_args = project_args(cache=cache)
         train_set, val_set, _ = train_py.load_datasets(ours_args)
-        kwargs = {"batch_size": batch, "num_workers": ours_args.workers,
-                  "pin_memory": device.type == "cuda",
-                  "persistent_workers": ours_args.workers > 0}  # fmt: skip
-        if cycled:
-            train_set, val_set = cycle(train_set), cycle(val_set)
-        return (DataLoader(train_set, shuffle=True, drop_last=True, **kwargs),
-                DataLoader(val_set, **kwargs))  # fmt: skip
+        sampler, train_loader, val_loader = train_py.build_loaders(
+            cycle(train_set), cycle(val_set), ours_args, device
+        )
+        sampler.set_epoch(1)
+        return train_loader, val_loader
 
     def ours_setup(num_classes: int):
         torch.manual_seed(0)
@@ -202,10 +204,10 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     runs = {"classic": [], "ours": [], "ours_cache": []}
     for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit all alike
         classic_model.train()
-        runs["classic"].append(timed_steps(classic_train, classic_step, args.warmup, args.steps))
+        runs["classic"].append(timed_steps(classic_train, classic_step, args.warmup, steps))
         ours_model.train()
-        runs["ours"].append(timed_steps(ours_train, ours_step, args.warmup, args.steps))
-        runs["ours_cache"].append(timed_steps(cached_train, ours_step, args.warmup, args.steps))
+        runs["ours"].append(timed_steps(ours_train, ours_step, args.warmup, steps))
+        runs["ours_cache"].append(timed_steps(cached_train, ours_step, args.warmup, steps))
     train_ips = {k: statistics.median(v) for k, v in runs.items()}
 
     def eval_rate(model, loader, prepare, dtype) -> float:
@@ -237,7 +239,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     )  # fmt: skip
     train_loader, val_loader = classic_loaders(acc_tfs, cycled=False)
     model, step = classic_setup(num_classes)
-    for _ in range(args.accuracy_epochs):
+    for _ in range(epochs):
         model.train()
         for images, targets in train_loader:
             step(images, targets)
@@ -252,7 +254,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     for label, extra in (("ours", []), ("ours_cache", ["--cache"])):
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
-                   "--epochs", str(args.accuracy_epochs), "--image-size", str(acc_size),
+                   "--epochs", str(epochs), "--image-size", str(acc_size),
                    "-b", str(batch), "--output-dir", out, *extra]  # fmt: skip
             if arch:
                 cmd += ["--arch", arch]
@@ -266,13 +268,13 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
             "train_img_s": train_ips, "train_runs": runs, "val_img_s": val_ips,
             "speedup": train_ips["ours"] / train_ips["classic"],
             "speedup_cache": train_ips["ours_cache"] / train_ips["classic"],
-            "accuracy": accuracy, "accuracy_epochs": args.accuracy_epochs,
+            "steps": steps, "accuracy": accuracy, "accuracy_epochs": epochs,
             "accuracy_image_size": acc_size, "peak_ram_mib": peak}  # fmt: skip
 
 
 def bench_predict(name: str, split: Path, work: Path) -> dict:
     """predict.py's cold start on one photo and its rate on a folder of 100."""
-    folder, arch, _, size = NETWORKS[name]
+    folder, arch, _, size, _, _ = NETWORKS[name]
     out = work / f"ckpt_{name}"
     cmd = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
            "--epochs", "1", "--dry-run", "--image-size", str(size),
@@ -351,7 +353,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "alexnet, 16 for the others, so that the run fits 2 CPU cores)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="batches before timing (default: 1)")
-    parser.add_argument("--steps", type=int, default=3, help="timed batches (default: 3)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed batches (default: per network, 4 to 40)"
+    )
     parser.add_argument(
         "--repeats",
         type=int,
@@ -399,12 +403,12 @@ def main(args: argparse.Namespace) -> None:
         for name in args.models:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
             child = [sys.executable, __file__, "--one", name, "--split", str(split),
-                     "--warmup", str(args.warmup), "--steps", str(args.steps),
-                     "--repeats", str(args.repeats), "--device", args.device,
-                     "--accuracy-epochs", str(args.accuracy_epochs),
+                     "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                     "--device", args.device,
                      "--accuracy-image-size", str(args.accuracy_image_size)]  # fmt: skip
-            if args.batch_size:
-                child += ["--batch-size", str(args.batch_size)]
+            for flag in ("batch_size", "steps", "accuracy_epochs"):
+                if getattr(args, flag):
+                    child += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             done = subprocess.run(child, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"throughput.py: error: {name} failed:\n{done.stderr[-2000:]}")

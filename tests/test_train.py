@@ -214,7 +214,9 @@ SHARED = ["TrainingError", "pick_device", "cpu_has_fast_bf16", "pick_amp", "buil
           "load_image", "check_image_size", "make_optimizer", "make_scheduler", "to_device",
           "train_one_epoch", "evaluate", "save_checkpoint", "load_checkpoint", "write_atomically",
           "write_metrics", "save_figure", "report_confusion", "resume_command",
-          "raise_keyboard_interrupt", "get_args_parser", "main", "check_compatible"]  # fmt: skip
+          "raise_keyboard_interrupt", "get_args_parser", "main", "check_compatible",
+          "init_distributed", "CachedImages", "EpochSampler", "SeededSamples", "shrink_to",
+          "build_loaders"]  # fmt: skip
 
 
 def definitions(family: str) -> dict[str, str]:
