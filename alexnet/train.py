@@ -326,7 +326,9 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
         {"params": decay, "weight_decay": args.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=args.lr)
+    # The fused kernel updates every tensor in one pass: faster on CPUs and GPUs alike.
+    fused = params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
 
 
 def make_scheduler(optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:

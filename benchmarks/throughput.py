@@ -41,14 +41,14 @@ SAMPLE = ROOT.parent / "shared" / "data" / "flower_photos_sample"
 # that data loading counts; cheap networks get more of them, and more epochs to learn.
 NETWORKS = {
     "lenet": ("lenet", None, 64, 32, 40, 15),
-    "alexnet": ("alexnet", None, 32, 224, 12, 3),
-    "googlenet": ("googlenet", None, 16, 224, 6, 3),
-    "resnet34": ("resnet", "resnet34", 16, 224, 6, 3),
-    "vgg16": ("vgg", "vgg16", 16, 224, 4, 2),
-    "resnet18": ("resnet", "resnet18", 16, 224, 6, 3),
-    "resnet50": ("resnet", "resnet50", 16, 224, 6, 3),
-    "vgg11": ("vgg", "vgg11", 16, 224, 4, 2),
-    "vgg16_bn": ("vgg", "vgg16_bn", 16, 224, 4, 2),
+    "alexnet": ("alexnet", None, 32, 224, 8, 2),
+    "googlenet": ("googlenet", None, 16, 224, 4, 2),
+    "resnet34": ("resnet", "resnet34", 16, 224, 4, 2),
+    "vgg16": ("vgg", "vgg16", 16, 224, 2, 1),
+    "resnet18": ("resnet", "resnet18", 16, 224, 4, 2),
+    "resnet50": ("resnet", "resnet50", 16, 224, 4, 2),
+    "vgg11": ("vgg", "vgg11", 16, 224, 2, 1),
+    "vgg16_bn": ("vgg", "vgg16_bn", 16, 224, 2, 1),
 }
 DEFAULT_MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet34"]
 
