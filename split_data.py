@@ -12,6 +12,7 @@ swapped in at the end, so an interrupted run never leaves half a split behind.
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -149,6 +150,8 @@ def extract(archive: Path, dest: Path) -> None:
                 else:
                     tf.extractall(dest)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SplitError(f"no space left on the disk of {dest} to extract {archive}") from e
         raise SplitError(
             f"cannot read archive {archive} ({str(e).splitlines()[0].rstrip(':')}); "
             f"is it complete and a .tgz/.tar/.zip?"
@@ -236,8 +239,15 @@ def place(src: Path, dst: Path, link: bool) -> None:
 
 
 def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
-    """Build train/, val/ and the manifest in a temporary sibling of out, then swap them in."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Build train/, val/ and the manifest in a temporary sibling of out, then swap them in.
+
+    Whatever fails (a full disk, Ctrl-C, a file that cannot be read), out keeps its previous
+    split whole: either every entry is swapped in or every one is put back.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SplitError(f"--out {out} cannot be created ({e.strerror or e})") from e
     previous = out / MANIFEST
     for sub in ("train", "val"):
         if (out / sub).exists() and not previous.exists():
@@ -255,12 +265,31 @@ def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = tmp / "previous"
         old.mkdir()
-        for entry in ("train", "val", MANIFEST):
-            if (out / entry).exists():
-                (out / entry).replace(old / entry)
-            (tmp / entry).replace(out / entry)
+        swapped = []  # (entry, whether out had one)
+        try:
+            for entry in ("train", "val", MANIFEST):
+                had = (out / entry).exists()
+                if had:
+                    (out / entry).replace(old / entry)
+                swapped.append((entry, had))
+                (tmp / entry).replace(out / entry)
+        except BaseException:
+            for entry, had in reversed(swapped):  # put the previous split back as it was
+                if (out / entry).exists() and not (tmp / entry).exists():
+                    (out / entry).replace(tmp / entry)
+                if had:
+                    (old / entry).replace(out / entry)
+            raise
+    except OSError as e:
+        raise SplitError(f"{write_problem(e, out)}; {out} was left as it was") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_problem(e: OSError, out: Path) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the disk of {out} while writing the split"
+    return f"cannot write the split beside {out} ({e.strerror or e}: {e.filename})"
 
 
 def build_manifest(root, classes, val_ratio, seed, source, skipped) -> dict:
@@ -298,10 +327,12 @@ def split(source: Path, out: Path, val_ratio: float, seed: int, link: bool, labe
     for name, files in classes.items():
         if not files:
             raise SplitError(f"class folder {root / name} holds no usable images")
-        if math.floor(len(files) * val_ratio + 1e-9) == 0:
+        n_val = math.floor(len(files) * val_ratio + 1e-9)
+        if n_val in (0, len(files)):
+            where, change = ("val", "raise") if n_val == 0 else ("train", "lower")
             raise SplitError(
                 f"class {name!r} has only {len(files)} image(s): with --val-ratio {val_ratio} "
-                f"none would go to val; add images or raise --val-ratio"
+                f"none would go to {where}; add images or {change} --val-ratio"
             )
     manifest = build_manifest(root, classes, val_ratio, seed, label, skipped)
     before = out / MANIFEST
@@ -382,32 +413,59 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare_out(out: Path, source: Path | None) -> None:
+    """--out must be a folder that can be made, outside the photos it is split from.
+
+    Checked before any work, without creating anything: a failed run leaves no empty folder.
+    """
+    if source is not None and out.is_relative_to(source):
+        where = "is --source itself" if out == source else f"is inside --source {source}"
+        raise SplitError(
+            f"--out {out} {where}: the next run would take train/ and val/ for classes; "
+            f"choose an --out outside the source"
+        )
+    above = out
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        where = "is a file" if above == out else f"cannot be created: {above} is a file"
+        raise SplitError(f"--out {out} {where}; choose a folder")
+    try:
+        with tempfile.TemporaryFile(dir=above):
+            pass
+    except OSError as e:
+        raise SplitError(
+            f"--out {out} cannot be created ({e.strerror or e}); choose a folder you can write"
+        ) from e
+
+
 def main(args: argparse.Namespace) -> None:
     if not 0 < args.val_ratio < 1:
         raise SplitError(f"--val-ratio must be between 0 and 1, got {args.val_ratio}")
     out = args.out.expanduser().resolve()
     if args.source is None:
         source = fetch_default(args.url, args.sha256.lower())
+        prepare_out(out, None)
         split(source, out, args.val_ratio, args.seed, args.link, args.url)
         return
     source = args.source.expanduser().resolve()
     if not source.exists():
         raise SplitError(f"--source {args.source} does not exist")
-    if source.is_dir():
-        split(source, out, args.val_ratio, args.seed, args.link, source)
-    elif is_archive(source):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-", dir=out.parent))
-        try:
-            print(f"extracting {source}")
-            extract(source, tmp)
-            split(tmp, out, args.val_ratio, args.seed, args.link, source)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    if not (source.is_dir() or is_archive(source)):
         raise SplitError(
             f"--source {args.source} is neither a folder nor a .tgz/.tar.gz/.tar/.zip archive"
         )
+    prepare_out(out, source)
+    if source.is_dir():
+        split(source, out, args.val_ratio, args.seed, args.link, source)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-", dir=out.parent))
+    try:
+        print(f"extracting {source}")
+        extract(source, tmp)
+        split(tmp, out, args.val_ratio, args.seed, args.link, source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
@@ -415,5 +473,7 @@ if __name__ == "__main__":
         main(get_args_parser().parse_args())
     except SplitError as e:
         sys.exit(f"split_data.py: error: {e}")
+    except OSError as e:  # the cases above name what to do; this is the last resort
+        sys.exit(f"split_data.py: error: {e.strerror or e}: {e.filename}")
     except KeyboardInterrupt:
         sys.exit("split_data.py: interrupted; run again to finish (a partial download resumes)")

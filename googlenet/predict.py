@@ -12,6 +12,7 @@ are named on stderr and the rest are still predicted; the exit code is 1 if any 
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -53,14 +54,21 @@ def pick_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PredictError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise PredictError("--device mps: MPS is not available here; use --device cpu")
     try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise PredictError(f"--device {name}: {e}") from e
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise PredictError(f"--device {name}: not a device this script runs on; use auto, cpu, "
+                           f"cuda, cuda:N or mps")  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise PredictError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                           f"CUDA device(s), numbered from 0")  # fmt: skip
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PredictError("--device mps: MPS is not available here; use --device cpu")
+    return device
 
 
 def load_checkpoint(path: Path, expected_arch: str | None) -> dict:
@@ -82,8 +90,8 @@ def load_checkpoint(path: Path, expected_arch: str | None) -> dict:
         raise PredictError(f"{path} is not a checkpoint written by a train.py of this project")
     if checkpoint["family"] != FAMILY:
         raise PredictError(
-            f"{path} holds a {checkpoint['family']} model ({checkpoint.get('arch')}), not a "
-            f"{FAMILY} one; use {checkpoint['family']}/predict.py"
+            f"{path} holds {checkpoint.get('arch')} of the {checkpoint['family']} folder, not "
+            f"a {FAMILY} network; use {checkpoint['family']}/predict.py"
         )
     if expected_arch is not None and checkpoint["arch"] != expected_arch:
         raise PredictError(
@@ -131,21 +139,26 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, draft: int | None = None) -> Image.Image:
     """Open an image the way users have them: any mode to RGB, EXIF rotation applied.
 
+    Large photos are accepted as Pillow accepts them (a 108-megapixel phone photo is real);
+    only what Pillow refuses as a decompression bomb is refused. With draft, a JPEG is
+    decoded at a reduced scale that keeps both sides at least draft pixels, as train.py does.
     Raises ValueError with a short reason for anything that is not a whole, sane image.
     """
     if path.stat().st_size == 0:
         raise ValueError("the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if draft:
+                    img.draft("RGB", (draft, draft))
                 img.seek(0)  # the first frame of a GIF or other animation
                 img.load()
                 img = ImageOps.exif_transpose(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ValueError(
             f"too many pixels, refused as a possible decompression bomb ({e})"
         ) from None
@@ -164,7 +177,7 @@ def load_image(path: Path) -> Image.Image:
     return img.convert("RGB")
 
 
-def predict(model, images: list[Path], transform, device, args) -> tuple[list, list[str]]:
+def predict(model, images: list[Path], transform, draft, device, args) -> tuple[list, list[str]]:
     """Softmax probabilities of every readable image, in batches; problems named per file."""
     results, problems = [], []
     batches = range(0, len(images), args.batch_size)
@@ -173,7 +186,7 @@ def predict(model, images: list[Path], transform, device, args) -> tuple[list, l
         tensors, kept = [], []
         for path in images[start : start + args.batch_size]:
             try:
-                picture = load_image(path)
+                picture = load_image(path, draft)
             except ValueError as e:
                 problems.append(f"{path}: {e}")
                 continue
@@ -197,6 +210,7 @@ def draw(results: list, classes: list[str], k: int, path: Path, show: bool) -> N
     """One image: the photo and a bar chart of its top k. Several: a grid of titled photos."""
     import matplotlib.pyplot as plt  # here, so that --json runs never load a GUI toolkit
 
+    use_fonts_for(classes)
     if len(results) == 1:
         (file, picture), probabilities = results[0]
         ranked = top_k(probabilities, classes, k)
@@ -224,11 +238,82 @@ def draw(results: list, classes: list[str], k: int, path: Path, show: bool) -> N
         if len(results) > len(shown):
             fig.suptitle(f"the first {len(shown)} of {len(results)} images")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     if show and plt.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo"):
         plt.show()
     plt.close(fig)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write the figure atomically; a failure is one line, and no partial file stays behind."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise PredictError(f"cannot save the figure to {path} ({e.strerror or e})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_save_path(save: Path | None) -> Path | None:
+    """--save as a file to write: a folder gets the default name, a bare name gets .png.
+
+    Checked before any prediction, so that a bad --save costs nothing.
+    """
+    if save is None:
+        return None
+    from matplotlib.figure import Figure
+
+    save = save.expanduser().resolve()
+    formats = Figure().canvas.get_supported_filetypes()
+    if not save.is_dir() and save.suffix and save.suffix[1:].lower() not in formats:
+        raise PredictError(
+            f"--save {save}: matplotlib cannot write {save.suffix} files; use one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    above = save if save.is_dir() else save.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise PredictError(f"--save {save}: {above} is a file, not a folder")
+    if not save.is_dir() and not save.suffix:
+        save = save.with_suffix(".png")
+    return save
+
+
+def use_fonts_for(texts: list[str]) -> None:
+    """Let matplotlib draw texts (class names in any script) with an installed font.
+
+    DejaVu Sans, matplotlib's own, has no Chinese, Japanese or Korean; the first installed
+    regular font that has the missing characters becomes its fallback. With none, one note
+    instead of a warning per missing character.
+    """
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    def characters(path: str) -> set[str]:
+        try:
+            return set(map(chr, FT2Font(path).get_charmap()))
+        except (OSError, RuntimeError):
+            return set()
+
+    missing = {c for text in texts for c in text if not c.isspace()}
+    missing -= characters(font_manager.findfont("DejaVu Sans"))
+    if not missing:
+        return
+    for font in font_manager.fontManager.ttflist:
+        regular = font.style == "normal" and font.weight in (400, "normal", "regular")
+        if regular and "Last Resort" not in font.name and missing <= characters(font.fname):
+            rcParams["font.family"] = ["DejaVu Sans", font.name]
+            return
+    warnings.filterwarnings("ignore", message="Glyph .* missing from")
+    print(
+        f"note: no installed font has the characters {''.join(sorted(missing))[:20]}; the "
+        f"figures show boxes for them (install a font such as Noto Sans CJK)",
+        file=sys.stderr,
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -289,6 +374,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise PredictError("--topk and --batch-size must be at least 1")
+    save = check_save_path(args.save)
     weights = args.weights or FOLDER / "runs" / (args.arch or DEFAULT_ARCH) / "best.pth"
     weights = weights.expanduser().resolve()
     checkpoint = load_checkpoint(weights, args.arch)
@@ -300,11 +386,13 @@ def main(args: argparse.Namespace) -> int:
         detail = " ".join(str(e).split())[:300]
         raise PredictError(f"{weights} does not fit {checkpoint.get('arch')}: {detail}") from e
     model = model.to(device, memory_format=torch.channels_last).eval()
-    transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    image_size = checkpoint["image_size"]
+    transform = val_transform(image_size, checkpoint["mean"], checkpoint["std"])
+    draft = 2 * round(image_size / 0.875)  # as train.py decodes its validation JPEGs
     k = min(args.topk, len(classes))
 
     images, problems = find_images(args.inputs)
-    results, unreadable = predict(model, images, transform, device, args)
+    results, unreadable = predict(model, images, transform, draft, device, args)
     problems += unreadable
     for problem in problems:
         print(f"{FAMILY}/predict.py: error: {problem}", file=sys.stderr)
@@ -322,9 +410,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"{file}: {ranked[0][0]} {ranked[0][1]:.3f}")
             for rank, (name, p) in enumerate(ranked, 1):
                 print(f"  {rank}. {name:<20} {p:.3f}")
-    if results and (args.save or not args.json):
-        figure = args.save or weights.parent / f"prediction_{results[0][0][0].stem}.png"
-        draw(results, classes, k, figure.expanduser(), show=not (args.no_show or args.json))
+    if results and (save or not args.json):
+        default_name = f"prediction_{results[0][0][0].stem}.png"
+        figure = save or weights.parent / default_name
+        if figure.is_dir():
+            figure = figure / default_name
+        draw(results, classes, k, figure, show=not (args.no_show or args.json))
         if not args.json:
             print(f"figure saved to {figure}")
     return 1 if problems else 0
@@ -335,3 +426,6 @@ if __name__ == "__main__":
         sys.exit(main(get_args_parser().parse_args()))
     except PredictError as e:
         sys.exit(f"{FAMILY}/predict.py: error: {e}")
+    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -11,14 +11,17 @@ lenet/runs/lenet/: best.pth, last.pth, metrics.csv, curves.png and confusion_mat
 """
 
 import argparse
+import errno
 import math
 import os
 import random
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import urllib.error
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -79,14 +82,21 @@ def pick_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("--device mps: MPS is not available here; use --device cpu")
     try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise TrainingError(f"--device {name}: {e}") from e
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise TrainingError(f"--device {name}: not a device this script runs on; use auto, cpu, "
+                            f"cuda, cuda:N or mps")  # fmt: skip
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s), numbered from 0")  # fmt: skip
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps: MPS is not available here; use --device cpu")
+    return device
 
 
 def init_distributed(args: argparse.Namespace) -> torch.device:
@@ -160,13 +170,17 @@ def load_image(path: str, draft: int | None = None) -> Image.Image:
     """Open an image as RGB, naming the file when it cannot be read.
 
     With draft, a JPEG is decoded at a reduced scale (1/2 to 1/8) that still keeps both sides
-    at least draft pixels: much faster for small networks, and crops keep their detail.
+    at least draft pixels: much faster on large photos, and the network still sees every detail
+    it can use. Like Pillow, this accepts large photos (a 108-megapixel phone photo is real)
+    and refuses only what Pillow refuses as a decompression bomb.
     """
     try:
-        with Image.open(path) as img:
-            if draft:
-                img.draft("RGB", (draft, draft))
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if draft:
+                    img.draft("RGB", (draft, draft))
+                return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise TrainingError(
             f"cannot read image {path} ({e}); remove it or run split_data.py again"
@@ -243,24 +257,35 @@ def shrink_to(shorter: int):
 def load_image_folders(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]]:
     """The ImageFolder train/ and val/ of --data-path, which must have the same classes."""
     train_tf, val_tf = build_transforms(args.image_size)
-    folders = {split: args.data_path / split for split in ("train", "val")}
-    for folder in folders.values():
+    # JPEGs are decoded at no less than twice the size the transforms need: training crops
+    # from twice the crop size, validation from twice its resize.
+    loaders = {"train": partial(load_image, draft=2 * args.image_size),
+               "val": partial(load_image, draft=2 * round(args.image_size / 0.875))}  # fmt: skip
+    sets = {}
+    for split, transform in (("train", train_tf), ("val", val_tf)):
+        folder = args.data_path / split
         if not folder.is_dir():
             raise TrainingError(
                 f"data folder {folder} not found: run `python split_data.py` first "
                 f"(or pass --data-path DIR with train/ and val/ inside)"
             )
-    # Training crops come from JPEGs decoded at no less than twice the crop size.
-    train_loader = partial(load_image, draft=2 * args.image_size)
-    try:
-        train_set = ImageFolder(folders["train"], train_tf, loader=train_loader)
-        val_set = ImageFolder(folders["val"], val_tf, loader=load_image)
-    except (FileNotFoundError, OSError) as e:
-        raise TrainingError(f"{e}; run `python split_data.py` to make the split") from e
+        refuse_linked_folders(folder)
+        try:
+            sets[split] = ImageFolder(folder, transform, loader=loaders[split])
+        except (FileNotFoundError, OSError) as e:
+            raise TrainingError(
+                f"{folder}: {e}; run `python split_data.py` to make the split"
+            ) from e
+    train_set, val_set = sets["train"], sets["val"]
     if train_set.classes != val_set.classes:
         raise TrainingError(
             f"train/ and val/ of {args.data_path} have different classes "
             f"({train_set.classes} vs {val_set.classes}); run `python split_data.py` again"
+        )
+    if len(train_set.classes) < 2:
+        raise TrainingError(
+            f"{args.data_path / 'train'} holds one class ({train_set.classes[0]}): a classifier "
+            f"needs at least two class folders"
         )
     classes = train_set.classes
     if args.cache:
@@ -275,6 +300,26 @@ def load_image_folders(args: argparse.Namespace) -> tuple[Dataset, Dataset, list
         if args.rank == 0:
             print(f"cached {len(train_set) + len(val_set)} decoded images ({mib:.0f} MiB)")
     return train_set, val_set, classes
+
+
+def refuse_linked_folders(split: Path) -> None:
+    """Refuse symbolic links to folders inside the class folders of a split.
+
+    ImageFolder follows them, so `ln -s .. daisy/up` would silently add every class's photos
+    to daisy, and a link to . repeats a folder up to the OS's limit. A class folder itself may
+    be a link (to photos kept elsewhere), but not to the split or a folder above it.
+    """
+    for class_dir in sorted(p for p in split.iterdir() if p.is_dir()):
+        if class_dir.is_symlink() and split.resolve().is_relative_to(class_dir.resolve()):
+            raise TrainingError(f"{class_dir} is a symbolic link to a folder that holds the split "
+                                f"itself; remove it")  # fmt: skip
+        for dirpath, dirnames, _ in os.walk(class_dir):
+            for link in (Path(dirpath, name) for name in dirnames):
+                if link.is_symlink():
+                    raise TrainingError(
+                        f"{link} is a symbolic link to a folder; training reads only real "
+                        f"folders inside a class: replace it by the photos or remove it"
+                    )
 
 
 def build_loaders(
@@ -462,11 +507,28 @@ def evaluate(model, criterion, loader, device, amp_dtype, args, desc="val") -> d
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename over path."""
+    write_file(path, partial(torch.save, state))
+
+
+def write_file(path: Path, write) -> None:
+    """Fill path atomically: write(f) writes a temporary file beside it, then a rename.
+
+    Whatever goes wrong (a full disk, Ctrl-C), path keeps its previous content and no
+    temporary file is left behind; a failure to write is one TrainingError line.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError whose context is the OSError.
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainingError(f"no space left on {path.parent} to write {path.name}") from e
+        raise TrainingError(f"cannot write {path} ({cause.strerror or cause})") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -486,16 +548,14 @@ def load_checkpoint(path: Path) -> dict:
         raise TrainingError(f"{path} is not a checkpoint written by a train.py of this project")
     if checkpoint["family"] != FAMILY:
         raise TrainingError(
-            f"{path} holds a {checkpoint['family']} model ({checkpoint.get('arch')}), "
-            f"not a {FAMILY} one; use {checkpoint['family']}/train.py"
+            f"{path} holds {checkpoint.get('arch')} of the {checkpoint['family']} folder, "
+            f"not a {FAMILY} network; use {checkpoint['family']}/train.py"
         )
     return checkpoint
 
 
 def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_file(path, lambda f: f.write(text.encode()))
 
 
 def write_metrics(history: list[dict], output_dir: Path) -> None:
@@ -521,14 +581,46 @@ def write_metrics(history: list[dict], output_dir: Path) -> None:
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:], dpi=100))
+
+
+def use_fonts_for(texts: list[str]) -> None:
+    """Let matplotlib draw texts (class names in any script) with an installed font.
+
+    DejaVu Sans, matplotlib's own, has no Chinese, Japanese or Korean; the first installed
+    regular font that has the missing characters becomes its fallback. With none, one note
+    instead of a warning per missing character.
+    """
+    from matplotlib import font_manager, rcParams
+    from matplotlib.ft2font import FT2Font
+
+    def characters(path: str) -> set[str]:
+        try:
+            return set(map(chr, FT2Font(path).get_charmap()))
+        except (OSError, RuntimeError):
+            return set()
+
+    missing = {c for text in texts for c in text if not c.isspace()}
+    missing -= characters(font_manager.findfont("DejaVu Sans"))
+    if not missing:
+        return
+    for font in font_manager.fontManager.ttflist:
+        regular = font.style == "normal" and font.weight in (400, "normal", "regular")
+        if regular and "Last Resort" not in font.name and missing <= characters(font.fname):
+            rcParams["font.family"] = ["DejaVu Sans", font.name]
+            return
+    warnings.filterwarnings("ignore", message="Glyph .* missing from")
+    print(
+        f"note: no installed font has the characters {''.join(sorted(missing))[:20]}; the "
+        f"figures show boxes for them (install a font such as Noto Sans CJK)",
+        file=sys.stderr,
+    )
 
 
 def report_confusion(result: dict, classes: list[str], path: Path) -> None:
     """Print per-class accuracy and save the confusion matrix of result as a picture."""
     k = len(classes)
+    use_fonts_for(classes)
     matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k)
     matrix = matrix.reshape(k, k)
     width = max(len(c) for c in classes) + 2
@@ -687,18 +779,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "image_size"):
-        if getattr(args, name) < 1:
-            raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.workers < 0:
-        raise TrainingError("--workers must be 0 or more")
+    check_args(args)
     args.data_path = args.data_path.expanduser().resolve()
-    output_dir = args.output_dir or FOLDER / "runs" / args.arch
-    output_dir = output_dir.expanduser().resolve()
+    output_dir = (args.output_dir or FOLDER / "runs" / args.arch).expanduser().resolve()
     device = init_distributed(args)
     is_main = args.rank == 0  # only it prints, plots and writes checkpoints
     if args.sync_bn and args.distributed and device.type != "cuda":
         raise TrainingError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
+    if is_main:
+        prepare_output_dir(output_dir)
+    resumed = None if args.test_only else read_resume_checkpoint(args, output_dir, is_main)
     amp_dtype = pick_amp(args.amp, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -728,7 +818,6 @@ def main(args: argparse.Namespace) -> None:
         result = evaluate(model, criterion, val_loader, device, amp_dtype, args)
         if is_main:
             print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
-            output_dir.mkdir(parents=True, exist_ok=True)
             report_confusion(result, classes, output_dir / "confusion_matrix.png")
         return
 
@@ -739,30 +828,19 @@ def main(args: argparse.Namespace) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     history, start_epoch, best_acc, best_epoch = [], 1, -1.0, 0
 
-    if args.resume is not None:
-        path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
-        checkpoint = load_checkpoint(path.expanduser().resolve())
-        check_compatible(checkpoint, args, classes, path)
-        if "optimizer" not in checkpoint:
-            raise TrainingError(f"{path} holds no training state (resume from last.pth)")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        random.setstate(checkpoint["rng"]["python"])
-        history = checkpoint["history"]
-        start_epoch = checkpoint["epoch"] + 1
-        best_acc, best_epoch = checkpoint["best_acc"], checkpoint["best_epoch"]
+    if resumed is not None:
+        check_compatible(resumed, args, classes, resumed["path"])
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["rng"]["torch"])
+        random.setstate(resumed["rng"]["python"])
+        history = resumed["history"]
+        start_epoch = resumed["epoch"] + 1
+        best_acc, best_epoch = resumed["best_acc"], resumed["best_epoch"]
         if is_main:
-            print(f"resumed from {path} at epoch {checkpoint['epoch']}")
-    elif (output_dir / "last.pth").exists():
-        raise TrainingError(
-            f"{output_dir} already holds a run: continue it with --resume, or pass "
-            f"--output-dir for a new one"
-        )
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+            print(f"resumed from {resumed['path']} at epoch {resumed['epoch']}")
     train_model = model
     if args.distributed:
         device_ids = None if device.type == "cpu" else [device.index]
@@ -798,28 +876,35 @@ def main(args: argparse.Namespace) -> None:
             state = {
                 "family": FAMILY, "arch": args.arch, "model": model.state_dict(),
                 "classes": classes, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "epoch": epoch, "val_acc": val["acc"],
+                "epoch": epoch, "val_acc": val["acc"], "best_acc": best_acc,
+                "best_epoch": best_epoch,
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             }  # fmt: skip
-            if improved:
-                save_checkpoint({**state, "best_acc": best_acc, "best_epoch": best_epoch},
-                                output_dir / "best.pth")  # fmt: skip
-            save_checkpoint({
-                **state, "best_acc": best_acc, "best_epoch": best_epoch,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "history": history,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            }, output_dir / "last.pth")  # fmt: skip
-            saved_epoch = epoch
-            write_metrics(history, output_dir)
+            try:
+                if improved:
+                    save_checkpoint(state, output_dir / "best.pth")
+                save_checkpoint({
+                    **state, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "history": history,
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                }, output_dir / "last.pth")  # fmt: skip
+                saved_epoch = epoch
+                write_metrics(history, output_dir)
+            except TrainingError as e:
+                kept = "nothing was saved yet"
+                if saved_epoch:
+                    kept = (f"{output_dir / 'last.pth'} holds epoch {saved_epoch}; fix that, "
+                            f"then continue with --resume")  # fmt: skip
+                raise TrainingError(f"{e}; {kept}") from e
     except KeyboardInterrupt:
-        if not is_main:
-            sys.exit(130)
-        if saved_epoch == 0:
-            sys.exit(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again")
-        last = output_dir / "last.pth"
-        print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue with:"
-              f"\n  {resume_command(last)}")  # fmt: skip
+        if is_main and saved_epoch == 0:
+            print(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again",
+                  file=sys.stderr)  # fmt: skip
+        elif is_main:
+            last = output_dir / "last.pth"
+            print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue "
+                  f"with:\n  {resume_command(last)}")  # fmt: skip
         sys.exit(130)
     if args.distributed:
         dist.barrier()  # best.pth is written
@@ -832,6 +917,68 @@ def main(args: argparse.Namespace) -> None:
     total = time.perf_counter() - started
     print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}, "
           f"{total / 60:.1f} min; outputs in {output_dir}")  # fmt: skip
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One line for each flag value that cannot work, before anything starts."""
+    for name in ("epochs", "batch_size", "image_size"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        raise TrainingError("--workers must be 0 or more")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise TrainingError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise TrainingError(f"--weight-decay must be 0 or a positive number, got "
+                            f"{args.weight_decay}")  # fmt: skip
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create --output-dir and make sure it takes files, before any time is spent training."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        problem = "is a file" if output_dir.is_file() else f"cannot be written ({e.strerror or e})"
+        raise TrainingError(
+            f"--output-dir {output_dir} {problem}; pass --output-dir with a folder you can write"
+        ) from e
+
+
+def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: bool):
+    """The checkpoint --resume names (with its path), or None; refuse to overwrite a run.
+
+    The recipe flags are set to the checkpoint's values: the optimizer, the schedule and the
+    data order all continue as they were. A different value given now is named, not silently
+    dropped.
+    """
+    if args.resume is None:
+        if (output_dir / "last.pth").exists():
+            raise TrainingError(
+                f"{output_dir} already holds a run: continue it with --resume, or pass "
+                f"--output-dir for a new one"
+            )
+        return None
+    path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
+    checkpoint = load_checkpoint(path.expanduser().resolve())
+    if "optimizer" not in checkpoint:
+        raise TrainingError(f"{path} holds no training state (resume from last.pth)")
+    if args.epochs <= checkpoint["epoch"]:
+        raise TrainingError(
+            f"{path} has already trained {checkpoint['epoch']} epochs and --epochs is "
+            f"{args.epochs}: nothing to train; pass a larger --epochs, or --test-only"
+        )
+    defaults = get_args_parser()
+    for name in ("batch_size", "lr", "weight_decay", "image_size", "seed"):
+        given = getattr(args, name)
+        saved = checkpoint["args"].get(name, given)
+        if given != saved:
+            if is_main and given != defaults.get_default(name):
+                print(f"note: --{name.replace('_', '-')} {given} is ignored: the resumed run "
+                      f"keeps the checkpoint's {saved} (start a new run to change it)")  # fmt: skip
+            setattr(args, name, saved)
+    return {**checkpoint, "path": path}
 
 
 def check_compatible(checkpoint: dict, args, classes: list[str], path: Path) -> None:
@@ -859,6 +1006,8 @@ if __name__ == "__main__":
             message = message.strip().splitlines()[-1].split("TrainingError: ", 1)[-1]
         rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
         sys.exit(f"{rank}{FAMILY}/train.py: error: {message}")
+    except KeyboardInterrupt:  # before the epoch loop, which reports its own interruption
+        sys.exit(f"\n{FAMILY}/train.py: interrupted")
     except torch.cuda.OutOfMemoryError:
         sys.exit(
             f"{FAMILY}/train.py: error: CUDA ran out of memory; try a smaller --batch-size "

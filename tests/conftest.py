@@ -40,6 +40,18 @@ def flowers(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A generated split with 3 classes, for the error paths."""
+    for split, n in (("train", 6), ("val", 2)):
+        for c, name in enumerate(("a", "b", "c")):
+            folder = tmp_path / "tiny" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f"{i}.jpg").write_bytes(jpeg_bytes(c * 50 + i, size=(80, 72)))
+    return tmp_path / "tiny"
+
+
 def load_module(path: Path, name: str | None = None):
     """Import a file by path: five folders share each file name, so plain imports collide."""
     name = name or f"{path.parent.name}_{path.stem}"

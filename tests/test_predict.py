@@ -1,6 +1,5 @@
 """predict.py in every folder: right answers, every image kind, bad input, safe loading."""
 
-import ast
 import io
 import json
 import os
@@ -14,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from conftest import FAMILIES, REPO, SMALL, jpeg_bytes, load_module, load_script, run_script
+from sync_shared import shared_definitions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -261,18 +261,12 @@ def test_preprocessing_is_train_py_validation_path():
 
 
 def test_shared_predict_functions_are_identical_in_the_five_files():
-    def definitions(family):
-        tree = ast.parse((REPO / family / "predict.py").read_text())
-        return {
-            getattr(node, "name", "__main__"): ast.dump(node)
-            for node in tree.body
-            if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.If)
-        }
-
-    reference = definitions("resnet")
-    family_specific = {"add_model_args", "build_model"}
+    reference = shared_definitions("resnet", "predict.py")
+    assert {"load_image", "predict", "draw", "main", "__main__"} <= set(reference)
     for family in FAMILIES:
-        theirs = definitions(family)
-        assert set(theirs) == set(reference), family
-        differing = [n for n in reference if n not in family_specific and theirs[n] != reference[n]]
-        assert differing == [], f"{family}/predict.py differs from resnet's in {differing}"
+        theirs = shared_definitions(family, "predict.py")
+        differing = [name for name in reference if theirs[name] != reference[name]]
+        assert differing == [], (
+            f"{family}/predict.py differs from resnet's in {differing}: edit resnet's, then "
+            f"run `python tests/sync_shared.py`"
+        )

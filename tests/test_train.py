@@ -1,6 +1,5 @@
 """train.py in every folder: end to end on the real sample, one contract, resume, bad input."""
 
-import ast
 import csv
 import os
 import re
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, REPO, SMALL, jpeg_bytes, load_module, needs_sample, run_script
+from sync_shared import shared_definitions
 
 EPOCH_LINE = re.compile(
     r"^epoch (\d+)/(\d+)  train_loss [\d.]+  train_acc [\d.]+  val_loss [\d.]+  "
@@ -32,18 +32,6 @@ def assert_one_line_error(result, *needles):
     assert "/train.py: error:" in last, result.stderr
     for needle in needles:
         assert needle in last, last
-
-
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    """A generated split with 3 classes, for the error paths."""
-    for split, n in (("train", 6), ("val", 2)):
-        for c, name in enumerate(("a", "b", "c")):
-            folder = tmp_path / "tiny" / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                (folder / f"{i}.jpg").write_bytes(jpeg_bytes(c * 50 + i, size=(80, 72)))
-    return tmp_path / "tiny"
 
 
 def load_model_module(family: str):
@@ -210,40 +198,17 @@ def test_the_five_scripts_share_the_same_core_flags_and_state_defaults():
                 assert "default" in text, f"{family} {flag} does not state its default"
 
 
-SHARED = ["TrainingError", "pick_device", "cpu_has_fast_bf16", "pick_amp", "build_transforms",
-          "load_image", "check_image_size", "make_optimizer", "make_scheduler", "to_device",
-          "train_one_epoch", "evaluate", "save_checkpoint", "load_checkpoint", "write_atomically",
-          "write_metrics", "save_figure", "report_confusion", "resume_command",
-          "raise_keyboard_interrupt", "get_args_parser", "main", "check_compatible",
-          "init_distributed", "CachedImages", "EpochSampler", "SeededSamples", "shrink_to",
-          "build_loaders"]  # fmt: skip
-
-
-def definitions(family: str) -> dict[str, str]:
-    """The syntax tree of each top-level function and class of a train.py, and its main block."""
-    tree = ast.parse((REPO / family / "train.py").read_text())
-    found = {}
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef):
-            if family == "lenet" and node.name == "load_image_folders":
-                node.name = "load_datasets"  # lenet's load_datasets wraps it for CIFAR-10 etc.
-            elif family == "lenet" and node.name == "load_datasets":
-                continue
-            found[node.name] = ast.dump(node)
-        elif isinstance(node, ast.If):
-            found["__main__"] = ast.dump(node)
-    return found
-
-
 def test_shared_functions_are_identical_in_the_five_files():
-    reference = definitions("resnet")
+    reference = shared_definitions("resnet", "train.py")
+    # A sanity check of the list itself: the loops and the checkpoint code are in it.
+    assert {"train_one_epoch", "evaluate", "main", "load_datasets", "__main__"} <= set(reference)
     for family in FAMILIES:
-        theirs = definitions(family)
-        differing = [
-            name for name in [*SHARED, "load_datasets", "__main__"]
-            if theirs.get(name) != reference[name]
-        ]  # fmt: skip
-        assert differing == [], f"{family}/train.py differs from resnet/train.py in {differing}"
+        theirs = shared_definitions(family, "train.py")
+        differing = [name for name in reference if theirs[name] != reference[name]]
+        assert differing == [], (
+            f"{family}/train.py differs from resnet/train.py in {differing}: edit resnet's, "
+            f"then run `python tests/sync_shared.py`"
+        )
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -286,7 +251,7 @@ def test_resume_from_another_model_or_dataset_is_refused(tiny, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     other_model = train("alexnet", "--data-path", tiny, "--output-dir", tmp_path / "b",
                         "--resume", tmp_path / "a" / "last.pth", "--image-size", "64")  # fmt: skip
-    assert_one_line_error(other_model, "lenet model", "lenet/train.py")
+    assert_one_line_error(other_model, "of the lenet folder", "lenet/train.py")
     (tiny / "train" / "c").rename(tiny / "train" / "d")
     (tiny / "val" / "c").rename(tiny / "val" / "d")
     other_data = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / "a", "--resume")

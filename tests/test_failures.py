@@ -1,0 +1,431 @@
+"""Failures as a hostile but realistic user meets them: one clear line, nothing lost.
+
+Every failure must end in one line that names the file or flag and what to do, a non-zero
+exit, no half-written file, and the previous good state (split, checkpoints, metrics) intact.
+A full disk is a real one where the test may mount a small tmpfs (root on Linux), and a
+faked one in-process everywhere.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, jpeg_bytes, load_module, load_script, make_image_folder, run_script
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+LENET = ["--epochs", "1", "-b", "4", "--image-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+def run(script: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    return run_script(REPO / script, *args, **kwargs)
+
+
+def assert_one_line_error(result, script: str, *needles: str) -> str:
+    assert result.returncode not in (0, 130), result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error:") or f"{script}: error:" in last, result.stderr
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def no_temporary_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if "tmp" in p.name or "split-" in p.name]
+
+
+@contextmanager
+def small_disk(path: Path, size: str, read_only: bool = False):
+    """A tmpfs of the given size at path: a disk that really fills up."""
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs (a disk that fills up) needs root on Linux")
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill the disk up to `leave` free bytes."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def split_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+# --- split_data.py ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "photos", per_class=10)
+
+
+@pytest.fixture
+def first_split(photos, tmp_path) -> Path:
+    out = tmp_path / "split"
+    made = run("split_data.py", "--source", photos, "--out", out)
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+def test_a_ratio_that_leaves_train_empty_is_refused_and_the_split_survives(photos, first_split):
+    before = split_files(first_split)
+    result = run("split_data.py", "--source", photos, "--out", first_split,
+                 "--val-ratio", "0.99999999999")  # fmt: skip
+    assert_one_line_error(result, "split_data.py", "none would go to train", "--val-ratio")
+    assert split_files(first_split) == before
+    assert not no_temporary_files(first_split.parent)
+
+
+@pytest.mark.parametrize("failing_call", range(1, 7))
+def test_a_failure_at_any_step_of_the_swap_puts_the_previous_split_back(
+    photos, first_split, monkeypatch, failing_call
+):
+    split_data = load_module(REPO / "split_data.py", "split_data_swap")
+    before = split_files(first_split)
+    calls = {"n": 0}
+    real_replace = Path.replace
+
+    def flaky_replace(self, target):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", flaky_replace)
+    args = split_data.get_args_parser().parse_args(
+        ["--source", str(photos), "--out", str(first_split), "--seed", "7"]
+    )
+    with pytest.raises(split_data.SplitError, match="was left as it was"):
+        split_data.main(args)
+    monkeypatch.undo()
+    assert split_files(first_split) == before
+    assert not no_temporary_files(first_split.parent)
+
+
+def test_out_equal_to_or_inside_the_source_is_refused(photos):
+    for out in (photos, photos / "split"):
+        result = run("split_data.py", "--source", photos, "--out", out)
+        assert_one_line_error(result, "split_data.py", "--out", "outside the source")
+    assert sorted(p.name for p in photos.iterdir()) == ["a", "b", "c"]
+
+
+def test_out_that_cannot_be_a_folder_is_one_line(photos, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, needle in ((a_file, "is a file"), (a_file / "under", "cannot be created"),
+                        (Path("/proc/no_such_folder"), "cannot be created")):  # fmt: skip
+        result = run("split_data.py", "--source", photos, "--out", out)
+        assert_one_line_error(result, "split_data.py", str(out), needle)
+
+
+def test_disk_full_during_a_resplit_keeps_the_previous_split(tmp_path):
+    photos = tmp_path / "photos"
+    for c, name in enumerate(("a", "b", "c")):
+        (photos / name).mkdir(parents=True)
+        for i in range(10):
+            (photos / name / f"{i}.jpg").write_bytes(jpeg_bytes(c * 20 + i, size=(400, 300)))
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        out = disk / "split"
+        assert run("split_data.py", "--source", photos, "--out", out).returncode == 0
+        before = split_files(out)
+        fill(disk, leave=20_000)  # room for a few photos, not for a second split
+        result = run("split_data.py", "--source", photos, "--out", out, "--seed", "3")
+        assert_one_line_error(result, "split_data.py", "no space left", "left as it was")
+        assert split_files(out) == before
+        assert not no_temporary_files(disk)
+
+
+# --- train.py: the data ----------------------------------------------------------------------
+
+
+def test_symbolic_links_to_folders_inside_a_split_are_refused(tiny, tmp_path):
+    (tiny / "train" / "a" / "loop").symlink_to(".")
+    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET)
+    assert_one_line_error(result, "lenet/train.py", "loop", "symbolic link")
+    (tiny / "train" / "a" / "loop").unlink()
+    (tiny / "val" / "a" / "up").symlink_to("..")
+    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET)
+    assert_one_line_error(result, "lenet/train.py", "up", "symbolic link")
+    assert not (tmp_path / "o" / "last.pth").exists()
+
+
+def test_a_one_class_dataset_is_refused(tmp_path):
+    for split in ("train", "val"):
+        make_image_folder(tmp_path / "one" / split, classes=("only",), per_class=4)
+    result = run("lenet/train.py", "--data-path", tmp_path / "one",
+                 "--output-dir", tmp_path / "o", *LENET)  # fmt: skip
+    assert_one_line_error(result, "lenet/train.py", "one class", "at least two")
+
+
+def test_an_empty_class_folder_in_val_says_it_is_val(tiny, tmp_path):
+    for image in (tiny / "val" / "b").iterdir():
+        image.unlink()
+    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET)
+    assert_one_line_error(result, "lenet/train.py", str(tiny / "val"))
+
+
+# --- train.py: flags and the output folder ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "-1"], "--lr"),
+        (["--wd", "nan"], "--weight-decay"),
+        (["--device", "meta"], "--device meta"),
+        (["--device", "xpu"], "--device xpu"),
+    ],
+)
+def test_impossible_numbers_and_devices_are_one_line(tiny, tmp_path, flags, needle):
+    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o",
+                 *LENET, *flags)  # fmt: skip
+    assert_one_line_error(result, "lenet/train.py", needle)
+
+
+def test_an_unusable_output_dir_is_refused_before_training(tiny, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out in (Path("/proc/no_such_folder"), a_file, a_file / "under"):
+        result = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET)
+        assert_one_line_error(result, "lenet/train.py", "--output-dir")
+        assert "epoch 1/1" not in result.stdout
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_read_only_output_dir_is_refused_before_training(tiny, tmp_path):
+    with small_disk(tmp_path / "ro", "1m", read_only=True) as disk:
+        result = run("lenet/train.py", "--data-path", tiny, "--output-dir", disk, *LENET)
+        assert_one_line_error(result, "lenet/train.py", "--output-dir", "cannot be written")
+        assert "epoch 1/1" not in result.stdout
+
+
+# --- train.py: a full disk -------------------------------------------------------------------
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    train_py = load_script("lenet", "train")
+    path = tmp_path / "metrics.csv"
+    path.write_text("the previous epochs\n")
+
+    def fills_the_disk(f):
+        f.write(b"half of the new ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def like_torch_save(f):  # torch.save raises a RuntimeError with the OSError as context
+        try:
+            fills_the_disk(f)
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos") from None
+
+    for writer in (fills_the_disk, like_torch_save):
+        with pytest.raises(train_py.TrainingError, match=f"no space left on {tmp_path}"):
+            train_py.write_file(path, writer)
+        assert path.read_text() == "the previous epochs\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+    def read_only(f):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with pytest.raises(train_py.TrainingError, match="cannot write .*Read-only file system"):
+        train_py.write_file(path, read_only)
+
+
+def test_disk_full_while_writing_metrics_keeps_the_old_ones(tmp_path):
+    train_py = load_script("lenet", "train")
+    row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5,
+           "lr": 1e-3, "seconds": 1.0, "img_s": 10.0}  # fmt: skip
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        train_py.write_metrics([row], disk)
+        before = (disk / "metrics.csv").read_text()
+        fill(disk, leave=0)
+        with pytest.raises(train_py.TrainingError, match="no space left"):
+            train_py.write_metrics([row, {**row, "epoch": 2}] * 2000, disk)
+        assert (disk / "metrics.csv").read_text() == before
+        assert not no_temporary_files(disk)
+
+
+def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_last_epoch(tiny, tmp_path):
+    # LeNet's epoch writes best.pth (0.5 MB) and last.pth (1.5 MB): 3 MB hold one epoch, and
+    # the next one's temporary last.pth no longer fits beside it.
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        out = disk / "run"
+        result = run("lenet/train.py", "--data-path", tiny, "--output-dir", out,
+                     *LENET[:1], "3", *LENET[2:])  # fmt: skip
+        last = assert_one_line_error(result, "lenet/train.py", "no space left on", "epoch 1")
+        assert "--resume" in last
+        saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+        assert saved["epoch"] == 1
+        assert not no_temporary_files(out)
+
+
+# --- train.py: resume and interrupt ----------------------------------------------------------
+
+
+def test_resume_with_no_epoch_left_or_a_changed_recipe_says_so(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET)
+    assert first.returncode == 0, first.stderr[-2000:]
+    nothing = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET, "--resume")
+    assert_one_line_error(nothing, "lenet/train.py", "already trained 1 epoch", "--epochs")
+
+    more = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET[2:],
+               "--epochs", "2", "--lr", "0.5", "--resume")  # fmt: skip
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "--lr 0.5 is ignored" in more.stdout
+    saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 2 and saved["args"]["lr"] == pytest.approx(2e-3)
+
+
+def test_ctrl_c_before_the_first_saved_epoch_exits_130(flowers, tmp_path):
+    cmd = [sys.executable, str(REPO / "resnet" / "train.py"), "--data-path", str(flowers),
+           "--arch", "resnet18", "--image-size", "64", "-b", "8", "--workers", "0",
+           "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    for line in proc.stdout:  # the start line: training begins right after it
+        if "classes" in line:
+            break
+    time.sleep(1)  # into the first epoch (the setup's own interruption is handled as well)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o" / "last.pth").exists()
+
+
+# --- large photos ----------------------------------------------------------------------------
+
+
+def test_large_photos_are_accepted_as_pillow_accepts_them(tiny, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (10_000, 10_000), (200, 40, 40)).save(big)  # 100 MP: Pillow only warns
+    train_py = load_script("lenet", "train")
+    assert train_py.load_image(str(big)).size == (10_000, 10_000)
+    jpeg = tmp_path / "big.jpg"
+    Image.new("RGB", (4000, 3000), (40, 200, 40)).save(jpeg, quality=80)
+    drafted = train_py.load_image(str(jpeg), draft=512)
+    assert 512 <= min(drafted.size) < 3000  # decoded at a reduced scale, still large enough
+
+    run_dir = tmp_path / "run"
+    trained = run("lenet/train.py", "--data-path", tiny, "--output-dir", run_dir, *LENET)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = run("lenet/predict.py", big, "--weights", run_dir / "best.pth", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [Path(r["file"]).name for r in json.loads(result.stdout)] == ["big.png"]
+
+
+# --- predict.py --save -----------------------------------------------------------------------
+
+
+def test_predict_save_paths(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    trained = run("lenet/train.py", "--data-path", tiny, "--output-dir", run_dir, *LENET)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    photo = tiny / "val" / "a" / "0.jpg"
+    weights = ["--weights", run_dir / "best.pth", "--no-show"]
+
+    wrong = run("lenet/predict.py", photo, *weights, "--save", tmp_path / "fig.xyz")
+    assert_one_line_error(wrong, "lenet/predict.py", "fig.xyz", ".png")
+    assert wrong.stdout == ""  # refused before any work
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    under = run("lenet/predict.py", photo, *weights, "--save", a_file / "fig.png")
+    assert_one_line_error(under, "lenet/predict.py", str(a_file), "is a file")
+
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    into = run("lenet/predict.py", photo, *weights, "--save", folder)
+    assert into.returncode == 0, into.stderr
+    saved = folder / "prediction_0.png"
+    assert saved.read_bytes()[:4] == b"\x89PNG"
+    assert into.stdout.strip().endswith(f"figure saved to {saved}")
+
+    bare = run("lenet/predict.py", photo, *weights, "--save", tmp_path / "bare")
+    assert bare.returncode == 0, bare.stderr
+    assert (tmp_path / "bare.png").is_file() and not (tmp_path / "bare").exists()
+    assert bare.stdout.strip().endswith(f"figure saved to {tmp_path / 'bare.png'}")
+
+
+# --- class names in any script ---------------------------------------------------------------
+
+
+def test_class_names_without_a_font_warn_once_at_most(tmp_path):
+    for split, n in (("train", 4), ("val", 2)):
+        make_image_folder(tmp_path / "zh" / split, classes=("雏菊", "蒲公英", "玫瑰"), per_class=n)
+    result = run("lenet/train.py", "--data-path", tmp_path / "zh",
+                 "--output-dir", tmp_path / "o", *LENET)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Glyph" not in result.stderr
+    assert result.stderr.count("note: no installed font") <= 1
+    assert (tmp_path / "o" / "confusion_matrix.png").is_file()
+
+
+def test_a_font_that_has_the_characters_becomes_the_fallback(monkeypatch):
+    from matplotlib import rcParams
+
+    monkeypatch.setitem(rcParams, "font.family", rcParams["font.family"])
+    train_py = load_script("lenet", "train")
+    # U+210A (script small g) is in matplotlib's STIX fonts and not in DejaVu Sans.
+    train_py.use_fonts_for(["\u210a-flowers"])
+    assert rcParams["font.family"] == ["DejaVu Sans", "STIXGeneral"]
+    monkeypatch.setitem(rcParams, "font.family", ["sans-serif"])
+    train_py.use_fonts_for(["daisy", "tulips"])  # nothing missing: nothing changes
+    assert rcParams["font.family"] == ["sans-serif"]
+
+
+# --- the copy script -------------------------------------------------------------------------
+
+
+def test_sync_shared_copies_resnets_shared_code_to_the_other_folders(tmp_path):
+    for name in ("tests/sync_shared.py", *(f"{f}/{s}" for f in ("lenet", "alexnet", "vgg",
+                 "googlenet", "resnet") for s in ("train.py", "predict.py"))):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    script = tmp_path / "tests" / "sync_shared.py"
+    resnet = tmp_path / "resnet" / "train.py"
+    text = resnet.read_text()
+    text = text.replace('    """Loss and accuracy of the main head', '    """Changed: loss', 1)
+    text = text.replace("def save_checkpoint(", "def new_helper() -> int:\n    return 1\n\n\n"
+                        "def save_checkpoint(", 1)  # fmt: skip
+    resnet.write_text(text)
+
+    check = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1
+    assert "lenet/train.py" in check.stdout and "predict.py" not in check.stdout
+    subprocess.run([sys.executable, script], check=True, capture_output=True)
+    again = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout
+    for family in ("lenet", "alexnet", "vgg", "googlenet"):
+        synced = (tmp_path / family / "train.py").read_text()
+        assert '"""Changed: loss' in synced and "def new_helper() -> int:" in synced
+        assert synced.index("def new_helper") < synced.index("def save_checkpoint")
+        assert f'FAMILY = "{family}"' in synced  # the folder's own parts stay its own
+    assert "def load_image_folders(" in (tmp_path / "lenet" / "train.py").read_text()
