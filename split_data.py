@@ -476,4 +476,6 @@ if __name__ == "__main__":
     except OSError as e:  # the cases above name what to do; this is the last resort
         sys.exit(f"split_data.py: error: {e.strerror or e}: {e.filename}")
     except KeyboardInterrupt:
-        sys.exit("split_data.py: interrupted; run again to finish (a partial download resumes)")
+        print("\nsplit_data.py: interrupted; run again to finish (a partial download resumes)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)

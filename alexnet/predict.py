@@ -425,6 +425,9 @@ if __name__ == "__main__":
         sys.exit(main(get_args_parser().parse_args()))
     except PredictError as e:
         sys.exit(f"{FAMILY}/predict.py: error: {e}")
+    except KeyboardInterrupt:
+        print(f"\n{FAMILY}/predict.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the reader stopped early (`| head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -1001,7 +1001,7 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
     defaults = get_args_parser()
     for name in ("batch_size", "lr", "weight_decay", "image_size", "seed"):
         given = getattr(args, name)
-        saved = checkpoint["args"].get(name, given)
+        saved = checkpoint.get("args", {}).get(name, given)
         if given != saved:
             if is_main and given != defaults.get_default(name):
                 print(f"note: --{name.replace('_', '-')} {given} is ignored: the resumed run "
@@ -1036,7 +1036,8 @@ if __name__ == "__main__":
         rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
         sys.exit(f"{rank}{FAMILY}/train.py: error: {message}")
     except KeyboardInterrupt:  # before the epoch loop, which reports its own interruption
-        sys.exit(f"\n{FAMILY}/train.py: interrupted")
+        print(f"\n{FAMILY}/train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     except torch.cuda.OutOfMemoryError:
         sys.exit(
             f"{FAMILY}/train.py: error: CUDA ran out of memory; try a smaller --batch-size "
