@@ -3,11 +3,13 @@
     $ python split_data.py                       # download, verify, extract, split
     $ python split_data.py --source ~/Downloads/flower_photos.tgz
     $ python split_data.py --source my_photos/ --val-ratio 0.2 --out data/my_data
+    $ python split_data.py --test-ratio 0.1      # train/val/test, 8:1:1
 
 A source is a folder with one sub-folder per class (searched recursively for images) or an
 archive of such a folder (.tgz, .tar.gz, .tar, .zip). The split is stratified and the same on
 every machine: each class's files are sorted by name, then shuffled with a seeded generator,
-and int(n * val_ratio) of them go to val. It is built in a temporary folder beside --out and
+and int(n * val_ratio) of them go to val (then, with --test-ratio, int(n * test_ratio) to a
+test/ folder that training never reads). It is built in a temporary folder beside --out and
 swapped in at the end, so an interrupted run never leaves half a split behind.
 """
 
@@ -42,6 +44,7 @@ FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
 MANIFEST = "split.json"
+SUBSETS = ("train", "val", "test")
 
 
 class SplitError(Exception):
@@ -218,13 +221,21 @@ def check_images(classes: dict[str, list[Path]], root: Path) -> tuple[dict, list
     return good, skipped
 
 
-def split_class(name: str, files: list[Path], val_ratio: float, seed: int):
-    """Sorted files, a shuffle seeded by (seed, class name), the first int(n * ratio) to val."""
+def split_class(name: str, files: list[Path], ratios: dict[str, float], seed: int) -> dict:
+    """Sorted files, shuffled with a generator seeded by (seed, class name); the first
+    int(n * val ratio) go to val, the next int(n * test ratio) to test, the rest to train."""
     files = list(files)
     random.Random(f"{seed}:{name}").shuffle(files)
+    n_val, n_test = (share(len(files), ratios[subset]) for subset in ("val", "test"))
+    subsets = {"train": files[n_val + n_test :], "val": files[:n_val]}
+    if ratios["test"]:
+        subsets["test"] = files[n_val : n_val + n_test]
+    return subsets
+
+
+def share(n: int, ratio: float) -> int:
     # The small epsilon keeps int() from flooring a product such as 0.1 * n just below n / 10.
-    n_val = math.floor(len(files) * val_ratio + 1e-9)
-    return files[n_val:], files[:n_val]
+    return math.floor(n * ratio + 1e-9)
 
 
 def place(src: Path, dst: Path, link: bool) -> None:
@@ -238,8 +249,8 @@ def place(src: Path, dst: Path, link: bool) -> None:
     shutil.copyfile(src, dst)
 
 
-def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
-    """Build train/, val/ and the manifest in a temporary sibling of out, then swap them in.
+def write_split(root, classes, out, ratios, seed, link, manifest) -> None:
+    """Build train/, val/ (test/) and the manifest in a temporary sibling of out, then swap them in.
 
     Whatever fails (a full disk, Ctrl-C, a file that cannot be read), out keeps its previous
     split whole: either every entry is swapped in or every one is put back.
@@ -249,7 +260,7 @@ def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
     except OSError as e:
         raise SplitError(f"--out {out} cannot be created ({e.strerror or e})") from e
     previous = out / MANIFEST
-    for sub in ("train", "val"):
+    for sub in SUBSETS:
         if (out / sub).exists() and not previous.exists():
             raise SplitError(
                 f"{out / sub} exists but was not made by split_data.py (no {MANIFEST} beside "
@@ -258,8 +269,7 @@ def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-split-", dir=out.parent))
     try:
         for name, files in classes.items():
-            train, val = split_class(name, files, val_ratio, seed)
-            for subset, chosen in (("train", train), ("val", val)):
+            for subset, chosen in split_class(name, files, ratios, seed).items():
                 for src in chosen:
                     place(src, tmp / subset / name / src.relative_to(root / name), link)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -267,12 +277,13 @@ def write_split(root, classes, out, val_ratio, seed, link, manifest) -> None:
         old.mkdir()
         swapped = []  # (entry, whether out had one)
         try:
-            for entry in ("train", "val", MANIFEST):
+            for entry in (*SUBSETS, MANIFEST):  # a test/ the new split lacks goes too
                 had = (out / entry).exists()
                 if had:
                     (out / entry).replace(old / entry)
                 swapped.append((entry, had))
-                (tmp / entry).replace(out / entry)
+                if (tmp / entry).exists():
+                    (tmp / entry).replace(out / entry)
         except BaseException:
             for entry, had in reversed(swapped):  # put the previous split back as it was
                 if (out / entry).exists() and not (tmp / entry).exists():
@@ -292,27 +303,28 @@ def write_problem(e: OSError, out: Path) -> str:
     return f"cannot write the split beside {out} ({e.strerror or e}: {e.filename})"
 
 
-def build_manifest(root, classes, val_ratio, seed, source, skipped) -> dict:
+def build_manifest(root, classes, ratios, seed, source, skipped) -> dict:
     counts, digest = {}, hashlib.sha256()
     for name, files in classes.items():
-        train, val = split_class(name, files, val_ratio, seed)
-        counts[name] = {"train": len(train), "val": len(val)}
-        for subset, chosen in (("train", train), ("val", val)):
+        subsets = split_class(name, files, ratios, seed)
+        counts[name] = {subset: len(chosen) for subset, chosen in subsets.items()}
+        for subset, chosen in subsets.items():
             for p in sorted(chosen):
                 digest.update(f"{subset}/{name}/{p.relative_to(root / name).as_posix()}\n".encode())
+    totals = {sub: sum(c.get(sub, 0) for c in counts.values()) for sub in SUBSETS}
     return {
         "source": str(source),
         "seed": seed,
-        "val_ratio": val_ratio,
+        "val_ratio": ratios["val"],
+        "test_ratio": ratios["test"],
         "classes": counts,
-        "train": sum(c["train"] for c in counts.values()),
-        "val": sum(c["val"] for c in counts.values()),
+        **totals,
         "skipped": skipped,
         "split_sha256": digest.hexdigest(),
     }
 
 
-def split(source: Path, out: Path, val_ratio: float, seed: int, link: bool, label: str) -> None:
+def split(source: Path, out: Path, ratios: dict, seed: int, link: bool, label: str) -> None:
     root = find_dataset_root(source)
     classes = list_classes(root)
     if not classes:
@@ -327,26 +339,30 @@ def split(source: Path, out: Path, val_ratio: float, seed: int, link: bool, labe
     for name, files in classes.items():
         if not files:
             raise SplitError(f"class folder {root / name} holds no usable images")
-        n_val = math.floor(len(files) * val_ratio + 1e-9)
-        if n_val in (0, len(files)):
-            where, change = ("val", "raise") if n_val == 0 else ("train", "lower")
-            raise SplitError(
-                f"class {name!r} has only {len(files)} image(s): with --val-ratio {val_ratio} "
-                f"none would go to {where}; add images or {change} --val-ratio"
-            )
-    manifest = build_manifest(root, classes, val_ratio, seed, label, skipped)
+        for subset, chosen in split_class(name, files, ratios, seed).items():
+            if not chosen:
+                given = f"--val-ratio {ratios['val']}"
+                if ratios["test"]:
+                    given += f" and --test-ratio {ratios['test']}"
+                change = "lower them" if subset == "train" else f"raise --{subset}-ratio"
+                raise SplitError(
+                    f"class {name!r} has only {len(files)} image(s): with {given} none would "
+                    f"go to {subset}; add images or {change}"
+                )
+    manifest = build_manifest(root, classes, ratios, seed, label, skipped)
     before = out / MANIFEST
     try:
         previous = json.loads(before.read_text()).get("split_sha256") if before.exists() else None
     except (OSError, ValueError):
         previous = None
-    write_split(root, classes, out, val_ratio, seed, link, manifest)
+    write_split(root, classes, out, ratios, seed, link, manifest)
 
     width = max(len(name) for name in classes) + 2
-    print(f"{'class':<{width}}{'train':>7}{'val':>7}")
+    columns = [sub for sub in SUBSETS if manifest[sub]]
+    print(f"{'class':<{width}}" + "".join(f"{sub:>7}" for sub in columns))
     for name, c in manifest["classes"].items():
-        print(f"{name:<{width}}{c['train']:>7}{c['val']:>7}")
-    print(f"{'total':<{width}}{manifest['train']:>7}{manifest['val']:>7}")
+        print(f"{name:<{width}}" + "".join(f"{c[sub]:>7}" for sub in columns))
+    print(f"{'total':<{width}}" + "".join(f"{manifest[sub]:>7}" for sub in columns))
     sameness = " (the same split as before)" if previous == manifest["split_sha256"] else ""
     print(f"split {manifest['split_sha256'][:12]}{sameness} written to {out}")
 
@@ -398,6 +414,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="share of each class that goes to val (default: 0.1)",
     )
+    parser.add_argument(
+        "--test-ratio",
+        type=float,
+        default=0.0,
+        help="share of each class that goes to test/, a held-out folder that training never "
+        "reads: score it with predict.py --eval (default: 0, no test/)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default: 0)")
     parser.add_argument(
         "--link",
@@ -442,11 +465,17 @@ def prepare_out(out: Path, source: Path | None) -> None:
 def main(args: argparse.Namespace) -> None:
     if not 0 < args.val_ratio < 1:
         raise SplitError(f"--val-ratio must be between 0 and 1, got {args.val_ratio}")
+    if not (0 <= args.test_ratio < 1 and args.val_ratio + args.test_ratio < 1):
+        raise SplitError(
+            f"--test-ratio must be 0 or more, with --val-ratio + --test-ratio below 1, got "
+            f"{args.test_ratio}"
+        )
+    ratios = {"val": args.val_ratio, "test": args.test_ratio}
     out = args.out.expanduser().resolve()
     if args.source is None:
         source = fetch_default(args.url, args.sha256.lower())
         prepare_out(out, None)
-        split(source, out, args.val_ratio, args.seed, args.link, args.url)
+        split(source, out, ratios, args.seed, args.link, args.url)
         return
     source = args.source.expanduser().resolve()
     if not source.exists():
@@ -457,13 +486,13 @@ def main(args: argparse.Namespace) -> None:
         )
     prepare_out(out, source)
     if source.is_dir():
-        split(source, out, args.val_ratio, args.seed, args.link, source)
+        split(source, out, ratios, args.seed, args.link, source)
         return
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-", dir=out.parent))
     try:
         print(f"extracting {source}")
         extract(source, tmp)
-        split(tmp, out, args.val_ratio, args.seed, args.link, source)
+        split(tmp, out, ratios, args.seed, args.link, source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

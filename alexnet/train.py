@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
@@ -158,24 +158,52 @@ def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
 
 
 def load_image(path: str, draft: int | None = None) -> Image.Image:
-    """Open an image as RGB, naming the file when it cannot be read.
+    """open_rgb for the datasets: an unreadable image stops training with its name."""
+    try:
+        return open_rgb(Path(path), draft)
+    except ValueError as e:
+        raise TrainingError(
+            f"cannot read image {path} ({e}); remove it or run split_data.py again"
+        ) from e
 
-    With draft, a JPEG is decoded at a reduced scale (1/2 to 1/8) that still keeps both sides
-    at least draft pixels: much faster on large photos, and the network still sees every detail
-    it can use. Like Pillow, this accepts large photos (a 108-megapixel phone photo is real)
-    and refuses only what Pillow refuses as a decompression bomb.
+
+def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
+    """Open an image the way users have them: any mode to RGB, EXIF rotation applied.
+
+    predict.py reads images with this same function, so both scripts see the same pixels.
+    Large photos are accepted as Pillow accepts them (a 108-megapixel phone photo is real);
+    only what Pillow refuses as a decompression bomb is refused. With draft, a JPEG is decoded
+    at a reduced scale (1/2 to 1/8) that keeps both sides at least draft pixels: much faster
+    on large photos, with every detail the network can use. Raises ValueError with a short
+    reason for anything that is not a whole, sane image.
     """
+    if path.stat().st_size == 0:
+        raise ValueError("the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if draft:
                     img.draft("RGB", (draft, draft))
-                return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise TrainingError(
-            f"cannot read image {path} ({e}); remove it or run split_data.py again"
-        ) from e
+                img.seek(0)  # the first frame of a GIF or other animation
+                img.load()
+                if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: turn it upright
+                    img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too many pixels, refused as a possible decompression bomb ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ValueError("not an image Pillow can read") from e
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"the image is damaged or truncated ({e})") from e
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit to 8-bit
+    elif img.mode == "F":
+        img = img.point(lambda v: v * 255).convert("L")  # floats in [0, 1]
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)  # transparent parts become white
+    return img.convert("RGB")
 
 
 class CachedImages(Dataset):
@@ -588,7 +616,6 @@ def use_fonts_for(texts: list[str]) -> None:
 def report_confusion(result: dict, classes: list[str], path: Path) -> None:
     """Print per-class accuracy and save the confusion matrix of result as a picture."""
     k = len(classes)
-    use_fonts_for(classes)
     matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k)
     matrix = matrix.reshape(k, k)
     width = max(len(c) for c in classes) + 2
@@ -597,7 +624,13 @@ def report_confusion(result: dict, classes: list[str], path: Path) -> None:
         total = matrix[i].sum().item()
         acc = matrix[i, i].item() / total if total else float("nan")
         print(f"{name:<{width}}{total:>11}{acc:>10.3f}")
+    save_figure(confusion_figure(matrix, classes, f"val accuracy {result['acc']:.3f}"), path)
 
+
+def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Figure:
+    """The confusion matrix (rows: true class) with counts, shaded by each row's share."""
+    use_fonts_for(classes)
+    k = len(classes)
     fig = Figure(figsize=(0.8 * k + 3, 0.8 * k + 2))
     ax = fig.subplots()
     rows = matrix.sum(1, keepdim=True).clamp(min=1)
@@ -608,9 +641,9 @@ def report_confusion(result: dict, classes: list[str], path: Path) -> None:
             ax.text(j, i, str(matrix[i, j].item()), ha="center", va="center", color=colour)
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
     ax.set_yticks(range(k), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=f"val accuracy {result['acc']:.3f}")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    save_figure(fig, path)
+    return fig
 
 
 def resume_command(last: Path) -> str:

@@ -7,8 +7,11 @@ The five folders repeat their shared code on purpose (copy one folder and it sti
 the tests hold the copies identical. Edit the shared parts in resnet/, then run this script: each
 shared top-level function or class (and the `if __name__ == "__main__":` block) is replaced in
 the other four files by resnet's text, and a shared definition that a file lacks is inserted
-after the one that precedes it in resnet's file. Family-specific definitions and the import
-block are never touched: add a new import by hand (ruff names a missing one).
+after the one that precedes it in resnet's file. A few definitions of predict.py are train.py's
+own (FROM_TRAIN: reading images, drawing the confusion matrix), so that both scripts see and
+draw alike: those come from resnet/train.py into every predict.py, resnet's included.
+Family-specific definitions and the import block are never touched: add a new import by hand
+(ruff names a missing one).
 """
 
 import argparse
@@ -28,6 +31,8 @@ FAMILY_SPECIFIC = {
 # which lenet therefore names load_image_folders.
 RENAMED = {("lenet", "train.py"): {"load_datasets": "load_image_folders"}}
 MAIN_BLOCK = "__main__"
+# predict.py definitions whose text is resnet/train.py's.
+FROM_TRAIN = {"open_rgb", "confusion_figure"}
 
 
 def top_level(source: str) -> dict[str, tuple[int, int]]:
@@ -54,14 +59,15 @@ def definition_text(source: str, span: tuple[int, int]) -> list[str]:
 
 def synced(family: str, script: str) -> str:
     """The text family/script should have: its own parts, and the reference's shared parts."""
-    reference = (REPO / REFERENCE / script).read_text()
-    ref_spans = top_level(reference)
+    sources = {name: (REPO / REFERENCE / name).read_text() for name in FAMILY_SPECIFIC}
+    ref_spans = {name: top_level(text) for name, text in sources.items()}
     text = (REPO / family / script).read_text()
     renamed = RENAMED.get((family, script), {})
     previous = None
     for name in shared_names(script):
         own_name = renamed.get(name, name)
-        new = definition_text(reference, ref_spans[name])
+        origin = "train.py" if script == "predict.py" and name in FROM_TRAIN else script
+        new = definition_text(sources[origin], ref_spans[origin][name])
         if own_name != name:
             new[0] = new[0].replace(f"def {name}(", f"def {own_name}(", 1)
         lines = text.splitlines(keepends=True)
@@ -102,7 +108,7 @@ def main() -> int:
     stale = []
     for script in FAMILY_SPECIFIC:
         for family in FAMILIES:
-            if family == REFERENCE:
+            if family == REFERENCE and script == "train.py":
                 continue
             path = REPO / family / script
             new = synced(family, script)
@@ -110,7 +116,7 @@ def main() -> int:
                 stale.append(path.relative_to(REPO))
                 if not args.check:
                     path.write_text(new)
-    verb = "differ from resnet/" if args.check else "updated from resnet/"
+    verb = "differ from resnet/train.py or resnet/predict.py" if args.check else "updated"
     for path in stale:
         print(f"{path}: {verb}")
     if not stale:

@@ -1,0 +1,265 @@
+"""Held-out evaluation: split_data.py --test-ratio, predict.py --eval and predict.py --cam."""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import (
+    FAMILIES,
+    REPO,
+    SAMPLE,
+    SMALL,
+    jpeg_bytes,
+    load_module,
+    load_script,
+    needs_sample,
+    run_script,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def run(script: str, *args, **kwargs):
+    return run_script(REPO / script, *args, **kwargs)
+
+
+def files_of(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg")}
+
+
+@pytest.fixture(scope="module")
+def three_way(tmp_path_factory) -> Path:
+    """The real sample split 8:1:1 into train/val/test."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"the real flower sample is not at {SAMPLE} (../shared is absent)")
+    out = tmp_path_factory.mktemp("three_way") / "flower_data"
+    made = run("split_data.py", "--source", SAMPLE, "--out", out, "--test-ratio", "0.1")
+    assert made.returncode == 0, made.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def resnet_run(three_way, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resnet_run")
+    trained = run("resnet/train.py", "--data-path", three_way, "--epochs", "2",
+                  "--output-dir", out, *SMALL["resnet"])  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return out
+
+
+# --- split_data.py --test-ratio --------------------------------------------------------------
+
+
+@needs_sample
+def test_test_ratio_adds_a_stratified_deterministic_test_folder(three_way, tmp_path):
+    manifest = json.loads((three_way / "split.json").read_text())
+    assert manifest["test_ratio"] == 0.1
+    assert (manifest["train"], manifest["val"], manifest["test"]) == (120, 15, 15)
+    assert all(c == {"train": 24, "val": 3, "test": 3} for c in manifest["classes"].values())
+    subsets = {sub: files_of(three_way / sub) for sub in ("train", "val", "test")}
+    assert not subsets["train"] & subsets["test"] and not subsets["val"] & subsets["test"]
+    assert sum(map(len, subsets.values())) == 150
+
+    again = tmp_path / "again"
+    assert run("split_data.py", "--source", SAMPLE, "--out", again,
+               "--test-ratio", "0.1").returncode == 0  # fmt: skip
+    assert files_of(again / "test") == subsets["test"]
+    # val is the one the classic 9:1 split makes: a test split only takes from train.
+    classic = tmp_path / "classic"
+    assert run("split_data.py", "--source", SAMPLE, "--out", classic).returncode == 0
+    assert files_of(classic / "val") == subsets["val"] and not (classic / "test").exists()
+
+    # Re-splitting without a test folder removes the old one with the rest of the old split.
+    assert run("split_data.py", "--source", SAMPLE, "--out", again).returncode == 0
+    assert not (again / "test").exists()
+    assert json.loads((again / "split.json").read_text())["test"] == 0
+
+
+def test_a_test_ratio_that_leaves_nothing_is_refused(tmp_path):
+    for c, name in enumerate(("a", "b")):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(10):
+            (tmp_path / "src" / name / f"{i}.jpg").write_bytes(jpeg_bytes(c * 10 + i))
+    for ratio, needle in (("0.05", "none would go to test"), ("0.95", "--test-ratio")):
+        result = run("split_data.py", "--source", tmp_path / "src", "--out", tmp_path / "out",
+                     "--test-ratio", ratio)  # fmt: skip
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert needle in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+# --- predict.py --eval -----------------------------------------------------------------------
+
+
+@needs_sample
+def test_eval_gives_the_numbers_of_train_test_only(three_way, resnet_run):
+    checked = run("resnet/train.py", "--data-path", three_way, "--output-dir", resnet_run,
+                  "--test-only", "--amp", "off", *SMALL["resnet"])  # fmt: skip
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    test_only = float(re.search(r"val_acc ([\d.]+)", checked.stdout).group(1))
+
+    result = run("resnet/predict.py", three_way / "val", "--eval", "--json",
+                 "--weights", resnet_run / "best.pth")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result.stdout)
+    assert scores["images"] == 15
+    assert scores["accuracy"] == pytest.approx(test_only, abs=1e-4)
+    matrix = torch.tensor(scores["confusion_matrix"])
+    assert matrix.sum() == 15 and matrix.diag().sum() / 15 == pytest.approx(scores["accuracy"])
+    assert len(scores["misclassified"]) == 15 - matrix.diag().sum()
+    probabilities = [m["probability"] for m in scores["misclassified"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+    out = resnet_run / "eval_val"
+    assert [Path(p) for p in scores["outputs"]] == [out / "confusion_matrix.png",
+                                                    out / "confusion_matrix.csv",
+                                                    out / "misclassified.png"]  # fmt: skip
+    with open(out / "confusion_matrix.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == list(scores["classes"]) and [r[0] for r in rows[1:]] == rows[0][1:]
+    assert [[int(v) for v in r[1:]] for r in rows[1:]] == scores["confusion_matrix"]
+    for png in ("confusion_matrix.png", "misclassified.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_sample
+def test_eval_on_the_test_folder_prints_the_table(three_way, resnet_run, tmp_path):
+    result = run("resnet/predict.py", three_way / "test", "--eval", "--topk", "2",
+                 "--weights", resnet_run / "best.pth", "--save", tmp_path / "report")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert re.match(r".*test: 15 images, accuracy [\d.]+, top-2 accuracy [\d.]+$", lines[0])
+    assert lines[1].split() == ["class", "precision", "recall", "f1", "support"]
+    assert [line.split()[0] for line in lines[2:7]] == sorted(p.name for p in SAMPLE.iterdir()
+                                                             if p.is_dir())  # fmt: skip
+    assert (tmp_path / "report" / "misclassified.png").is_file()
+
+
+def test_score_computes_precision_recall_and_f1():
+    predict_py = load_script("lenet", "predict")
+    classes = ["a", "b", "c"]
+    # true a a a b b c ; predicted a a b b c c (probabilities chosen to rank the mistakes)
+    truth, said = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
+    confidence = [0.9, 0.8, 0.6, 0.7, 0.95, 0.5]
+    results, labels = [], {}
+    for i, (t, p, c) in enumerate(zip(truth, said, confidence, strict=True)):
+        probabilities = torch.full((3,), (1 - c) * 0.3)
+        probabilities[t] = (1 - c) * 0.7  # the truth is the runner-up of every mistake
+        probabilities[p] = c
+        results.append(((Path(f"{i}.jpg"), None), probabilities))
+        labels[Path(f"{i}.jpg")] = t
+    scores = predict_py.score(results, labels, classes, k=2)
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    assert scores["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    a, b, c = (scores["classes"][n] for n in classes)
+    assert (a["precision"], a["recall"], a["support"]) == (1.0, pytest.approx(2 / 3), 3)
+    assert (b["precision"], b["recall"]) == (0.5, 0.5)
+    assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
+    assert [m["file"] for m in scores["misclassified"]] == ["4.jpg", "2.jpg"]
+    assert scores["top_k_accuracy"] == pytest.approx(1.0)
+    assert predict_py.score(results, labels, classes, k=1)["top_k_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_eval_names_bad_folders_and_files_and_scores_the_rest(tiny, tmp_path):
+    out = tmp_path / "run"
+    trained = run("lenet/train.py", "--data-path", tiny, "--epochs", "1", "--output-dir", out,
+                  "--image-size", "32", "--workers", "0")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    weights = ["--weights", out / "best.pth"]
+
+    stray = tiny / "val" / "zebra"
+    stray.mkdir()
+    unknown = run("lenet/predict.py", tiny / "val", "--eval", *weights)
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "zebra" in unknown.stderr and "not a class" in unknown.stderr
+    stray.rmdir()
+
+    for image in (tiny / "val" / "c").iterdir():
+        image.unlink()
+    (tiny / "val" / "b" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run("lenet/predict.py", tiny / "val", "--eval", "--json", *weights)
+    assert result.returncode == 1, result.stderr
+    errors = result.stderr.strip().splitlines()
+    assert any("broken.jpg" in e for e in errors) and any("/c" in e for e in errors)
+    scores = json.loads(result.stdout)
+    assert scores["images"] == 4 and scores["classes"]["c"]["support"] == 0
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = run("lenet/predict.py", empty, "--eval", *weights)
+    assert nothing.returncode == 1 and "Traceback" not in nothing.stderr
+    assert "sub-folders" in nothing.stderr
+
+
+# --- Grad-CAM --------------------------------------------------------------------------------
+
+
+class QuadrantNet(nn.Module):
+    """A network whose logit for class 1 depends only on the top-left quadrant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        h, w = f.shape[-2:]
+        return self.head(f[:, :, : h // 2, : w // 2].mean(dim=(2, 3)))
+
+
+def test_grad_cam_puts_its_mass_where_the_logit_looks():
+    predict_py = load_script("resnet", "predict")
+    torch.manual_seed(0)
+    model = QuadrantNet().eval()
+    x = torch.rand(1, 3, 32, 48)
+    cam = predict_py.grad_cam(model, model.features, x, target=1)
+    assert cam.shape == (32, 48)
+    assert cam.min() >= 0 and cam.max() <= 1 and cam.max() == 1
+    quadrant = cam[:16, :24].sum() / cam.sum()
+    assert quadrant > 0.9, quadrant.item()
+    assert all(p.grad is None for p in model.parameters()), "gradients must not leak"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grad_cam_runs_on_every_network_of_the_folder(family):
+    predict_py = load_script(family, "predict")
+    model_py = load_module(REPO / family / "model.py", f"{family}_model_cam")
+    size = int(SMALL[family][-1])
+    archs = list(model_py.ARCHS) if hasattr(model_py, "ARCHS") else [None]
+    builders = {"lenet": lambda: model_py.LeNet(num_classes=3),
+                "alexnet": lambda: model_py.AlexNet(num_classes=3),
+                "googlenet": lambda: model_py.GoogLeNet(3, aux_logits=False)}  # fmt: skip
+    for arch in archs:
+        model = builders[family]() if arch is None else model_py.ARCHS[arch](num_classes=3)
+        model = model.eval().to(memory_format=torch.channels_last)
+        layer = model.get_submodule(predict_py.CAM_LAYER)
+        x = torch.rand(1, 3, size, size).to(memory_format=torch.channels_last)
+        cam = predict_py.grad_cam(model, layer, x, target=2)
+        assert cam.shape == (size, size), (family, arch)
+        assert 0 <= cam.min() and cam.max() <= 1, (family, arch)
+
+
+def test_predict_cam_draws_the_overlay_and_names_the_layer(tiny, tmp_path):
+    out = tmp_path / "run"
+    trained = run("lenet/train.py", "--data-path", tiny, "--epochs", "1", "--output-dir", out,
+                  "--image-size", "32", "--workers", "0")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    weights = ["--weights", out / "best.pth", "--no-show"]
+    one = run("lenet/predict.py", tiny / "val" / "a" / "0.jpg", "--cam", *weights,
+              "--save", tmp_path / "one.png")  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "Grad-CAM at layer conv2" in one.stdout
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+    several = run("lenet/predict.py", tiny / "val", "--cam-class", "b", *weights,
+                  "--save", tmp_path / "grid.png")  # fmt: skip
+    assert several.returncode == 0, several.stderr[-2000:]
+    assert (tmp_path / "grid.png").is_file()
+    wrong = run("lenet/predict.py", tiny / "val", "--cam-class", "zebra", *weights)
+    assert wrong.returncode == 1 and "Traceback" not in wrong.stderr
+    assert "--cam-class zebra" in wrong.stderr
