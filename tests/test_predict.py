@@ -53,6 +53,8 @@ def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tenso
                           T.ToImage(), T.ToDtype(torch.float32, scale=True),
                           T.Normalize(checkpoint["mean"], checkpoint["std"])])  # fmt: skip
     with Image.open(image) as img:
+        # JPEGs are decoded at the reduced scale that keeps twice the resize (as train.py does).
+        img.draft("RGB", (2 * round(size / 0.875),) * 2)
         x = pipeline(img.convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         return torch.softmax(model.eval()(x), dim=1)[0]
@@ -233,7 +235,7 @@ def test_checkpoint_problems_are_one_clear_line(checkpoints, tmp_path):
         (("resnet", image, "--arch", "resnet50"),
          ["no checkpoint", "resnet/train.py --arch resnet50"]),
         (("googlenet", image, "--weights", tmp_path / "nope.pth"), ["googlenet/train.py"]),
-        (("vgg", image, "--weights", checkpoints["resnet"]), ["resnet model", "resnet/predict.py"]),
+        (("vgg", image, "--weights", checkpoints["resnet"]), ["of the resnet folder", "resnet/predict.py"]),
         (("resnet", image, "--weights", checkpoints["resnet"], "--arch", "resnet34"),
          ["holds resnet18", "--arch resnet34"]),
         (("lenet", image, "--weights", text), ["not a checkpoint"]),
