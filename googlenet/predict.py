@@ -182,44 +182,6 @@ def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: Path, draft: int | None = None) -> Image.Image:
-    """Open an image the way users have them: any mode to RGB, EXIF rotation applied.
-
-    Large photos are accepted as Pillow accepts them (a 108-megapixel phone photo is real);
-    only what Pillow refuses as a decompression bomb is refused. With draft, a JPEG is
-    decoded at a reduced scale that keeps both sides at least draft pixels, as train.py does.
-    Raises ValueError with a short reason for anything that is not a whole, sane image.
-    """
-    if path.stat().st_size == 0:
-        raise ValueError("the file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if draft:
-                    img.draft("RGB", (draft, draft))
-                img.seek(0)  # the first frame of a GIF or other animation
-                img.load()
-                img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError as e:
-        raise ValueError(
-            f"too many pixels, refused as a possible decompression bomb ({e})"
-        ) from None
-    except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read") from None
-    except (OSError, SyntaxError, EOFError) as e:
-        raise ValueError(f"the image is damaged or truncated ({e})") from None
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit to 8-bit
-    elif img.mode == "F":
-        img = img.point(lambda v: v * 255).convert("L")  # floats in [0, 1]
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)  # transparent parts become white
-    return img.convert("RGB")
-
-
 def predict(model, images: list[Path], transform, draft, device, args) -> tuple[list, list[str]]:
     """Softmax probabilities of every readable image, in batches; problems named per file.
 
@@ -444,7 +406,7 @@ def write_evaluation(scores: dict, results: list, classes: list[str], out: Path)
     lines += [
         ",".join([name, *map(str, row)]) for name, row in zip(classes, matrix.tolist(), strict=True)
     ]
-    write_text(paths[1], "\n".join(lines) + "\n")
+    write_file(paths[1], lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
     pictures = {str(file): picture for (file, picture), _ in results}
     mistakes = scores["misclassified"][:MAX_GRID]
@@ -467,11 +429,14 @@ def write_evaluation(scores: dict, results: list, classes: list[str], out: Path)
     return paths
 
 
-def write_text(path: Path, text: str) -> None:
+def write_file(path: Path, write) -> None:
+    """Fill path atomically (write(f) fills a temporary file beside it, then a rename); a
+    failure is one line, and no partial file stays behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except OSError as e:
         raise PredictError(f"cannot write {path} ({e.strerror or e})") from e
@@ -499,16 +464,7 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Fi
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write the figure atomically; a failure is one line, and no partial file stays behind."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PredictError(f"cannot save the figure to {path} ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower(), dpi=100))
 
 
 def check_save_path(save: Path | None, folder: bool) -> Path | None:

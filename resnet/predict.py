@@ -414,7 +414,7 @@ def write_evaluation(scores: dict, results: list, classes: list[str], out: Path)
     lines += [
         ",".join([name, *map(str, row)]) for name, row in zip(classes, matrix.tolist(), strict=True)
     ]
-    write_text(paths[1], "\n".join(lines) + "\n")
+    write_file(paths[1], lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
     pictures = {str(file): picture for (file, picture), _ in results}
     mistakes = scores["misclassified"][:MAX_GRID]
@@ -437,11 +437,14 @@ def write_evaluation(scores: dict, results: list, classes: list[str], out: Path)
     return paths
 
 
-def write_text(path: Path, text: str) -> None:
+def write_file(path: Path, write) -> None:
+    """Fill path atomically (write(f) fills a temporary file beside it, then a rename); a
+    failure is one line, and no partial file stays behind."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     except OSError as e:
         raise PredictError(f"cannot write {path} ({e.strerror or e})") from e
@@ -469,16 +472,7 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Fi
 
 
 def save_figure(fig, path: Path) -> None:
-    """Write the figure atomically; a failure is one line, and no partial file stays behind."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PredictError(f"cannot save the figure to {path} ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower(), dpi=100))
 
 
 def check_save_path(save: Path | None, folder: bool) -> Path | None:

@@ -30,6 +30,7 @@ FAMILY_SPECIFIC = {
 # lenet's load_datasets wraps the shared image-folder loader (for CIFAR-10 and Fashion-MNIST),
 # which lenet therefore names load_image_folders.
 RENAMED = {("lenet", "train.py"): {"load_datasets": "load_image_folders"}}
+OWN = {("lenet", "train.py"): {"load_datasets"}}
 MAIN_BLOCK = "__main__"
 # predict.py definitions whose text is resnet/train.py's.
 FROM_TRAIN = {"open_rgb", "confusion_figure"}
@@ -80,6 +81,16 @@ def synced(family: str, script: str) -> str:
             lines[at:at] = ["\n", "\n", *new]
         text = "".join(lines)
         previous = name
+    # A shared definition that resnet/ no longer has goes from the other folders too.
+    kept = {renamed.get(name, name) for name in shared_names(script)}
+    kept |= FAMILY_SPECIFIC[script] | OWN.get((family, script), set())
+    for name, (first, last) in sorted(top_level(text).items(), key=lambda kv: -kv[1][0]):
+        if name not in kept:
+            lines = text.splitlines(keepends=True)
+            while first > 2 and not lines[first - 2].strip():
+                first -= 1  # the blank lines before it
+            del lines[first - 1 : last]
+            text = "".join(lines)
     return text
 
 
@@ -98,6 +109,11 @@ def shared_definitions(family: str, script: str) -> dict[str, str]:
         if node is not None and renamed.get(name):
             node.name = name
         found[name] = None if node is None else ast.dump(node)
+    # Definitions that are neither shared nor the folder's own: left over from older code.
+    own = FAMILY_SPECIFIC[script] | OWN.get((family, script), set()) | set(renamed.values())
+    for name, node in trees.items():
+        if name not in found and name not in own:
+            found[name] = ast.dump(node)
     return found
 
 

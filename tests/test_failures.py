@@ -417,10 +417,14 @@ def test_sync_shared_copies_resnets_shared_code_to_the_other_folders(tmp_path):
     text = text.replace("def save_checkpoint(", "def new_helper() -> int:\n    return 1\n\n\n"
                         "def save_checkpoint(", 1)  # fmt: skip
     resnet.write_text(text)
+    stale = tmp_path / "alexnet" / "predict.py"  # a shared definition resnet/ no longer has
+    stale.write_text(stale.read_text().replace("def top_k(", "def old_helper():\n    pass\n\n\n"
+                                               "def top_k(", 1))  # fmt: skip
 
     check = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert check.returncode == 1
-    assert "lenet/train.py" in check.stdout and "predict.py" not in check.stdout
+    assert "lenet/train.py" in check.stdout and "alexnet/predict.py" in check.stdout
+    assert "vgg/predict.py" not in check.stdout
     subprocess.run([sys.executable, script], check=True, capture_output=True)
     again = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert again.returncode == 0, again.stdout
@@ -430,3 +434,5 @@ def test_sync_shared_copies_resnets_shared_code_to_the_other_folders(tmp_path):
         assert synced.index("def new_helper") < synced.index("def save_checkpoint")
         assert f'FAMILY = "{family}"' in synced  # the folder's own parts stay its own
     assert "def load_image_folders(" in (tmp_path / "lenet" / "train.py").read_text()
+    assert "def load_datasets(" in (tmp_path / "lenet" / "train.py").read_text()  # lenet's own
+    assert "old_helper" not in stale.read_text() and "def top_k(" in stale.read_text()

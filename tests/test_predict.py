@@ -268,7 +268,7 @@ def test_shared_predict_functions_are_identical_in_the_five_files():
     assert {"load_image", "predict", "draw", "main", "__main__"} <= set(reference)
     for family in FAMILIES:
         theirs = shared_definitions(family, "predict.py")
-        differing = [name for name in reference if theirs[name] != reference[name]]
+        differing = [n for n in {*reference, *theirs} if theirs.get(n) != reference.get(n)]
         assert differing == [], (
             f"{family}/predict.py differs from resnet's in {differing}: edit resnet's, then "
             f"run `python tests/sync_shared.py`"
