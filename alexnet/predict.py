@@ -53,8 +53,11 @@ class PredictError(Exception):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
+            problem = cuda_problem(0)
+            if problem is None:
+                return torch.device("cuda")
+            print(f"note: {problem}; predicting on the CPU", file=sys.stderr)
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -69,9 +72,33 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise PredictError(f"--device {name}: this machine has {torch.cuda.device_count()} "
                            f"CUDA device(s), numbered from 0")  # fmt: skip
+    if device.type == "cuda" and cuda_problem(device.index or 0):
+        raise PredictError(f"--device {name}: {cuda_problem(device.index or 0)}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise PredictError("--device mps: MPS is not available here; use --device cpu")
     return device
+
+
+def cuda_problem(index: int) -> str | None:
+    """Why this PyTorch build cannot run on CUDA device index, or None if it can.
+
+    A wheel carries kernels for a list of GPU generations (torch.cuda.get_arch_list()): sm_XY
+    runs on compute capability X.Y and on later minor versions of X, compute_XY (PTX) on X.Y
+    and anything later. An older GPU is listed by is_available() and fails at its first kernel.
+    """
+    major, minor = torch.cuda.get_device_capability(index)
+    for arch in torch.cuda.get_arch_list():
+        kind, _, version = arch.partition("_")
+        if not version.isdigit():
+            continue
+        a, b = int(version[:-1]), int(version[-1])
+        native = kind == "sm" and a == major and b <= minor
+        ptx = kind == "compute" and (a, b) <= (major, minor)
+        if native or ptx:
+            return None
+    return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
+            f"kernels in this PyTorch build ({' '.join(torch.cuda.get_arch_list())}); install "
+            f"a build whose torch.cuda.get_arch_list() lists sm_{major}{minor}")  # fmt: skip
 
 
 def load_checkpoint(path: Path, expected_arch: str | None) -> dict:

@@ -112,7 +112,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     epochs = args.accuracy_epochs or epochs
     train_py = load_train_py(folder)
     device = train_py.pick_device(args.device)
-    amp_dtype = train_py.pick_amp("auto", device)
+    amp_dtype, _ = train_py.pick_amp("auto", device)
     cpus = os.cpu_count() or 1
     criterion = nn.CrossEntropyLoss()
     # Enough photos for warm-up and timed steps, cycled if the folder is small.

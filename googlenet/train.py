@@ -12,6 +12,7 @@ confusion_matrix.png.
 """
 
 import argparse
+import contextlib
 import errno
 import math
 import os
@@ -76,8 +77,11 @@ class TrainingError(Exception):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
+            problem = cuda_problem(0)
+            if problem is None:
+                return torch.device("cuda")
+            print(f"note: {problem}; training on the CPU", file=sys.stderr)
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -92,9 +96,33 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} "
                             f"CUDA device(s), numbered from 0")  # fmt: skip
+    if device.type == "cuda" and cuda_problem(device.index or 0):
+        raise TrainingError(f"--device {name}: {cuda_problem(device.index or 0)}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise TrainingError("--device mps: MPS is not available here; use --device cpu")
     return device
+
+
+def cuda_problem(index: int) -> str | None:
+    """Why this PyTorch build cannot run on CUDA device index, or None if it can.
+
+    A wheel carries kernels for a list of GPU generations (torch.cuda.get_arch_list()): sm_XY
+    runs on compute capability X.Y and on later minor versions of X, compute_XY (PTX) on X.Y
+    and anything later. An older GPU is listed by is_available() and fails at its first kernel.
+    """
+    major, minor = torch.cuda.get_device_capability(index)
+    for arch in torch.cuda.get_arch_list():
+        kind, _, version = arch.partition("_")
+        if not version.isdigit():
+            continue
+        a, b = int(version[:-1]), int(version[-1])
+        native = kind == "sm" and a == major and b <= minor
+        ptx = kind == "compute" and (a, b) <= (major, minor)
+        if native or ptx:
+            return None
+    return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
+            f"kernels in this PyTorch build ({' '.join(torch.cuda.get_arch_list())}); install "
+            f"a build whose torch.cuda.get_arch_list() lists sm_{major}{minor}")  # fmt: skip
 
 
 def init_distributed(args: argparse.Namespace) -> torch.device:
@@ -109,6 +137,7 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
     device = pick_device(args.device)
     if args.distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":  # cuda:N: kernels, memory figures and autocast all use GPU N
         torch.cuda.set_device(device)
     if args.distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -124,17 +153,27 @@ def cpu_has_fast_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. "auto" picks what is fast on this device."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return None
+def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None for plain fp32) and why. "auto" picks what is fast here."""
     if name == "fp16" and device.type == "cpu":
         raise TrainingError("--amp fp16 is for GPUs; on the CPU use --amp bf16 or --amp off")
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if name != "auto":
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], f"{name} (--amp)"
+    if device.type == "cuda":
+        # is_bf16_supported() also says yes where bf16 is only emulated (before Ampere, 8.0),
+        # which is slower than fp16 on the tensor cores of 7.x.
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"bf16: compute capability {major}.{minor} runs it natively"
+        if major == 7:
+            return torch.float16, (f"fp16 with a grad scaler: tensor cores of compute "
+                                   f"capability {major}.{minor}, no native bf16")  # fmt: skip
+        return torch.float16, (f"fp16 with a grad scaler: it halves the activations' memory on "
+                               f"compute capability {major}.{minor}; --amp off may be faster "
+                               f"there")  # fmt: skip
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16, "bf16: this CPU has AVX-512 BF16 or AMX"
+    return None, f"off: no fast half precision on {device.type} here"
 
 
 def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
@@ -389,6 +428,8 @@ def check_image_size(model: nn.Module, args: argparse.Namespace, device: torch.d
             if not has_bn:  # train mode runs extra heads (GoogLeNet's); BN statistics must not move
                 model.train()(probe)
     except RuntimeError as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":
+            raise  # the GPU's own trouble, not the image size
         raise TrainingError(
             f"--image-size {args.image_size} is too small for {args.arch} "
             f"({str(e).splitlines()[0]}); use a larger --image-size"
@@ -432,45 +473,60 @@ def to_device(images, targets, device: torch.device):
 def train_one_epoch(
     model, criterion, optimizer, scheduler, scaler, loader, device, amp_dtype, epoch, args
 ) -> dict:
-    model.train()
-    seen, loss_sum, correct = 0, 0.0, 0
-    steps = 1 if args.dry_run else len(loader)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}/{args.epochs} train", leave=False,
-               dynamic_ncols=True, mininterval=1.0, disable=args.rank != 0)  # fmt: skip
-    start = time.perf_counter()
-    for step, (images, targets) in enumerate(bar, 1):
-        images, targets = to_device(images, targets, device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, logits = compute_loss(model(images), targets, criterion)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss is {loss_value} at epoch {epoch}, step {step}: training diverged; "
-                f"try a lower --lr (now {args.lr:g})"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+    """One pass over this process's training batches; loss, accuracy, speed and data wait.
 
-        n = targets.size(0)
-        seen += n
-        loss_sum += loss_value * n
-        correct += (logits.argmax(1) == targets).sum().item()
-        rate = seen / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                        img_s=f"{rate:.0f}", refresh=False)  # fmt: skip
-        if step >= steps:
+    With --accum-steps N the gradients of N batches add up before each optimizer step, so a
+    step sees N x --batch-size images (the batches left over at the end of an epoch, fewer
+    than N, are skipped). The totals stay on the device, read every few batches only: each
+    read waits for the GPU.
+    """
+    model.train()
+    accum = args.accum_steps
+    batches = accum if args.dry_run else len(loader) // accum * accum
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, loss x images, correct
+    bar = tqdm(total=batches, desc=f"epoch {epoch}/{args.epochs} train", leave=False,
+               dynamic_ncols=True, mininterval=1.0, disable=args.rank != 0)  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    waited, start = 0.0, time.perf_counter()
+    ready = start
+    for batch, (images, targets) in enumerate(loader, 1):
+        waited += time.perf_counter() - ready  # time spent waiting for this batch
+        images, targets = to_device(images, targets, device)
+        last_of_step = batch % accum == 0
+        # Under DDP, gradients are averaged over the processes once per optimizer step.
+        no_sync = args.distributed and not last_of_step and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, logits = compute_loss(model(images), targets, criterion)
+            scaler.scale(loss / accum).backward()
+        if last_of_step:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        sums[0] += targets.size(0)
+        sums[1] += loss.detach().double() * targets.size(0)
+        sums[2] += (logits.argmax(1) == targets).sum()
+        bar.update()
+        if batch % 20 == 0 or batch == batches:
+            seen, loss_sum, correct = sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise TrainingError(
+                    f"loss became {loss_sum / seen} at epoch {epoch}, step {batch}: training "
+                    f"diverged; try a lower --lr (now {args.lr:g})"
+                )
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
+        if batch >= batches:
             break
+        ready = time.perf_counter()
     bar.close()
     seconds = time.perf_counter() - start
     if args.distributed:  # totals over every process
-        totals = torch.tensor([seen, loss_sum, correct], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        seen, loss_sum, correct = int(totals[0]), totals[1].item(), int(totals[2])
+        dist.all_reduce(sums)
+    seen, loss_sum, correct = sums.tolist()
     return {"loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
-            "img_s": seen / seconds}  # fmt: skip
+            "img_s": seen / seconds, "data_wait": waited / seconds}  # fmt: skip
 
 
 @torch.no_grad()
@@ -561,10 +617,22 @@ def write_atomically(path: Path, text: str) -> None:
     write_file(path, lambda f: f.write(text.encode()))
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """The one line printed per epoch; data_wait is the share of time spent waiting for data."""
+    line = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f}  "
+            f"train_acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.3f}  "
+            f"val_acc {row['val_acc']:.3f}  lr {row['lr']:.1e}  {row['seconds']:.0f}s  "
+            f"{row['img_s']:.0f} img/s  data_wait {row['data_wait']:.0%}")  # fmt: skip
+    if "gpu_mem_gib" in row:
+        line += f"  gpu_mem {row['gpu_mem_gib']:.2f} GiB"
+    return line
+
+
 def write_metrics(history: list[dict], output_dir: Path) -> None:
     """metrics.csv and curves.png, rewritten whole after every epoch."""
-    columns = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "img_s"]
-    lines = [",".join(columns)] + [",".join(f"{row[c]:.6g}" for c in columns) for row in history]
+    columns = list(history[-1])  # a run resumed from an older checkpoint has fewer in early rows
+    lines = [",".join(columns)]
+    lines += [",".join(f"{row.get(c, math.nan):.6g}" for c in columns) for row in history]
     write_atomically(output_dir / "metrics.csv", "\n".join(lines) + "\n")
 
     epochs = [row["epoch"] for row in history]
@@ -655,18 +723,39 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Fi
 
 def resume_command(last: Path) -> str:
     """The command line that continues this run from last."""
-    args, skip = [], False
+    return command_with({"--resume": str(last)})
+
+
+def command_with(changes: dict[str, str]) -> str:
+    """This run's command line with the flags in changes set to new values."""
+    aliases = {"-b": "--batch-size", "-j": "--workers", "--wd": "--weight-decay"}
+    kept, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
             skip = False
-            if not arg.startswith("-"):
+            if not arg.startswith("-"):  # the value of a replaced flag (--resume may have none)
                 continue
-        if arg == "--resume":
-            skip = True
+        name = arg.split("=", 1)[0]
+        if aliases.get(name, name) in changes:
+            skip = "=" not in arg
             continue
-        if not arg.startswith("--resume="):
-            args.append(arg)
-    return shlex.join(["python", sys.argv[0], *args, "--resume", str(last)])
+        kept.append(arg)
+    launcher = ["python"]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: restart the same way
+        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
+        if os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+            launcher.insert(1, "--standalone")
+    changed = [part for flag, value in changes.items() for part in (flag, value)]
+    return shlex.join([*launcher, sys.argv[0], *kept, *changed])
+
+
+def out_of_memory_message(args: argparse.Namespace) -> str:
+    """What to do when the GPU's memory does not hold a training step at this batch size."""
+    retry = command_with({"--batch-size": str(max(1, args.batch_size // 2)),
+                          "--accum-steps": str(2 * args.accum_steps)})  # fmt: skip
+    amp = "; --amp bf16 or fp16 also halves the activations" if args.amp == "off" else ""
+    return (f"CUDA ran out of memory at --batch-size {args.batch_size}; the same training in "
+            f"about half the memory: {retry}{amp}")  # fmt: skip
 
 
 def raise_keyboard_interrupt(signum, frame) -> None:
@@ -697,6 +786,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULTS["batch_size"],
         help=f"images per batch (default: {DEFAULTS['batch_size']})",
+    )
+    parser.add_argument(
+        "--accum-steps",
+        type=int,
+        default=1,
+        help="batches whose gradients add up before each optimizer step: the same training "
+        "as a batch N times larger, in the memory of one (default: 1)",
     )
     parser.add_argument(
         "--lr",
@@ -797,7 +893,7 @@ def main(args: argparse.Namespace) -> None:
     if is_main:
         prepare_output_dir(output_dir)
     resumed = None if args.test_only else read_resume_checkpoint(args, output_dir, is_main)
-    amp_dtype = pick_amp(args.amp, device)
+    amp_dtype, amp_reason = pick_amp(args.amp, device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if device.type == "cuda":
@@ -811,10 +907,9 @@ def main(args: argparse.Namespace) -> None:
     if args.sync_bn and args.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = nn.CrossEntropyLoss()
-    amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     if is_main:
         world = f"{args.world_size} processes x " if args.distributed else ""
-        print(f"{args.arch} on {device}, amp {amp_name}, channels_last, {args.workers} workers, "
+        print(f"{args.arch} on {device}, amp {amp_reason}, channels_last, {args.workers} workers, "
               f"batch {world}{args.batch_size}: {len(train_set)} train / {len(val_set)} val "
               f"images, {len(classes)} classes")  # fmt: skip
 
@@ -830,7 +925,12 @@ def main(args: argparse.Namespace) -> None:
         return
 
     optimizer = make_optimizer(model, args)
-    steps_per_epoch = 1 if args.dry_run else len(train_loader)
+    steps_per_epoch = 1 if args.dry_run else len(train_loader) // args.accum_steps
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"--accum-steps {args.accum_steps} needs that many batches per epoch, and there are "
+            f"{len(train_loader)} of --batch-size {args.batch_size}; lower one of them"
+        )
     total_steps = args.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, total_steps, min(steps_per_epoch, total_steps // 5))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -841,7 +941,8 @@ def main(args: argparse.Namespace) -> None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
+        if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
+            scaler.load_state_dict(resumed["scaler"])
         torch.set_rng_state(resumed["rng"]["torch"])
         random.setstate(resumed["rng"]["python"])
         history = resumed["history"]
@@ -862,6 +963,8 @@ def main(args: argparse.Namespace) -> None:
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             sampler.set_epoch(epoch)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             train = train_one_epoch(train_model, criterion, optimizer, scheduler, scaler,
                                     train_loader, device, amp_dtype, epoch, args)  # fmt: skip
             val = evaluate(model, criterion, val_loader, device, amp_dtype, args)
@@ -870,16 +973,20 @@ def main(args: argparse.Namespace) -> None:
                 "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
                 "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
                 "seconds": train["seconds"], "img_s": train["img_s"],
+                "data_wait": train["data_wait"],
             })  # fmt: skip
+            if device.type == "cuda":  # what this process's GPU needed at most, in GiB
+                history[-1]["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             improved = val["acc"] > best_acc
             if improved:
                 best_acc, best_epoch = val["acc"], epoch
             if not is_main:
                 continue
-            print(f"epoch {epoch}/{args.epochs}  train_loss {train['loss']:.3f}  "
-                  f"train_acc {train['acc']:.3f}  val_loss {val['loss']:.3f}  "
-                  f"val_acc {val['acc']:.3f}  lr {lr:.1e}  {train['seconds']:.0f}s  "
-                  f"{train['img_s']:.0f} img/s")  # fmt: skip
+            print(epoch_line(history[-1], args.epochs))
+            if train["data_wait"] > 0.3 and epoch == start_epoch:
+                print(f"note: training waited for data {train['data_wait']:.0%} of the time; "
+                      f"--cache (decode every photo once) or more --workers (now "
+                      f"{args.workers}) can feed it faster")  # fmt: skip
 
             state = {
                 "family": FAMILY, "arch": args.arch, "model": model.state_dict(),
@@ -929,7 +1036,7 @@ def main(args: argparse.Namespace) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """One line for each flag value that cannot work, before anything starts."""
-    for name in ("epochs", "batch_size", "image_size"):
+    for name in ("epochs", "batch_size", "image_size", "accum_steps"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers < 0:
@@ -978,7 +1085,7 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
             f"{args.epochs}: nothing to train; pass a larger --epochs, or --test-only"
         )
     defaults = get_args_parser()
-    for name in ("batch_size", "lr", "weight_decay", "image_size", "seed"):
+    for name in ("batch_size", "accum_steps", "lr", "weight_decay", "image_size", "seed"):
         given = getattr(args, name)
         saved = checkpoint.get("args", {}).get(name, given)
         if given != saved:
@@ -1004,24 +1111,22 @@ def check_compatible(checkpoint: dict, args, classes: list[str], path: Path) -> 
 
 
 if __name__ == "__main__":
+    arguments = get_args_parser().parse_args()
+    rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
     try:
-        main(get_args_parser().parse_args())
+        main(arguments)
     except TrainingError as e:
         # Raised in a DataLoader worker, the message carries the worker's traceback: keep the
         # last line, which is ours.
         message = str(e)
         if message.startswith("Caught TrainingError"):
             message = message.strip().splitlines()[-1].split("TrainingError: ", 1)[-1]
-        rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
         sys.exit(f"{rank}{FAMILY}/train.py: error: {message}")
     except KeyboardInterrupt:  # before the epoch loop, which reports its own interruption
         print(f"\n{FAMILY}/train.py: interrupted", file=sys.stderr)
         sys.exit(130)
     except torch.cuda.OutOfMemoryError:
-        sys.exit(
-            f"{FAMILY}/train.py: error: CUDA ran out of memory; try a smaller --batch-size "
-            f"(for example half of the one used) or --amp bf16/fp16"
-        )
+        sys.exit(f"{rank}{FAMILY}/train.py: error: {out_of_memory_message(arguments)}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

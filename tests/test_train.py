@@ -17,7 +17,7 @@ from sync_shared import shared_definitions
 
 EPOCH_LINE = re.compile(
     r"^epoch (\d+)/(\d+)  train_loss [\d.]+  train_acc [\d.]+  val_loss [\d.]+  "
-    r"val_acc ([\d.]+)  lr [\d.e+-]+  \d+s  \d+ img/s$"
+    r"val_acc ([\d.]+)  lr [\d.e+-]+  \d+s  \d+ img/s  data_wait \d+%(  gpu_mem [\d.]+ GiB)?$"
 )
 
 
@@ -72,7 +72,8 @@ def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                            "seconds", "img_s"}  # fmt: skip
+                            "seconds", "img_s", "data_wait"}  # fmt: skip
+    assert all(0 <= float(r["data_wait"]) <= 1 for r in rows)
     logged = [float(m.group(3)) for m in epoch_lines]
     assert [float(r["val_acc"]) for r in rows] == pytest.approx(logged, abs=1e-3)
 
@@ -186,7 +187,8 @@ def help_flags(family: str) -> dict[str, str]:
 def test_the_five_scripts_share_the_same_core_flags_and_state_defaults():
     core = {"--data-path", "--epochs", "--batch-size", "--lr", "--weight-decay", "--workers",
             "--device", "--amp", "--image-size", "--seed", "--output-dir", "--resume",
-            "--test-only", "--dry-run", "--compile", "--cache", "--sync-bn"}  # fmt: skip
+            "--test-only", "--dry-run", "--compile", "--cache", "--sync-bn",
+            "--accum-steps"}  # fmt: skip
     family_flags = {"lenet": {"--dataset"}, "alexnet": set(), "googlenet": set(),
                     "vgg": {"--arch", "--weights", "--freeze-backbone"},
                     "resnet": {"--arch", "--weights", "--freeze-backbone"}}  # fmt: skip
