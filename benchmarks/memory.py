@@ -1,0 +1,277 @@
+"""The memory one training step of each folder's recipe needs, at its default batch size.
+
+    $ python benchmarks/memory.py                       # the CPU estimate, every network below
+    $ python benchmarks/memory.py --models vgg16 resnet50 --batch 64
+    $ python benchmarks/memory.py --device cuda         # measured under a 6 GiB cap, on a GPU
+
+On any machine, one real training step of train.py's recipe (its model, AdamW, bf16 autocast
+as on a GPU from Ampere on, channels_last) is taken apart: the fp32 weights, their gradients,
+AdamW's state, the bf16 copies of the weights that autocast makes, and every other tensor the
+step saves for backward (counted once per storage, through autograd's saved-tensor hooks).
+Their sum is what the step holds at its peak, before the allocator's rounding, cuDNN's
+workspaces and the CUDA context (some hundreds of MiB), which only a GPU can show.
+
+With --device cuda, the process is also capped to --cap GiB
+(torch.cuda.set_per_process_memory_fraction) and a few real steps measure
+torch.cuda.max_memory_reserved(); then the largest batch that still fits under the cap is
+searched (doubling, then bisection). Writes benchmarks/memory.json.
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+# network -> (folder, --arch or None, default batch of that folder's train.py, image size)
+NETWORKS = {
+    "lenet": ("lenet", None, 64, 32),
+    "alexnet": ("alexnet", None, 64, 224),
+    "vgg16": ("vgg", "vgg16", 32, 224),
+    "vgg16_bn": ("vgg", "vgg16_bn", 32, 224),
+    "vgg19_bn": ("vgg", "vgg19_bn", 32, 224),
+    "googlenet": ("googlenet", None, 32, 224),
+    "resnet34": ("resnet", "resnet34", 32, 224),
+    "resnet50": ("resnet", "resnet50", 32, 224),
+    "resnet101": ("resnet", "resnet101", 32, 224),
+    "resnext50_32x4d": ("resnet", "resnext50_32x4d", 32, 224),
+}
+
+
+def load_train_py(folder: str):
+    """Import a folder's train.py with that folder's model.py as `model`."""
+    sys.path.insert(0, str(ROOT / folder))
+    sys.modules.pop("model", None)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{folder}_train", ROOT / folder / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("model", None)
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def step_memory(model, step, params: list[torch.Tensor], amp_dtype) -> dict:
+    """Bytes of what one training step holds, by kind; step() runs forward and backward.
+
+    Saved tensors are recorded as autograd packs them: a storage counts once however many
+    ops save it; the weights themselves are counted as weights, their autocast copies (as many
+    elements as a weight, in the autocast dtype) apart from the other activations.
+    """
+    weight_storages = {storage_key(p) for p in params}
+    weight_sizes = {p.numel() for p in params}
+    saved: dict[tuple, tuple[int, bool]] = {}
+
+    def pack(t: torch.Tensor):
+        key = storage_key(t)
+        if key not in weight_storages and key not in saved:
+            size = t.untyped_storage().nbytes() // t.element_size()  # a copy may be transposed
+            copy = t.dtype == amp_dtype and size in weight_sizes
+            saved[key] = (nbytes(t), copy)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return {
+        "autocast_copies": sum(n for n, copy in saved.values() if copy),
+        "saved_activations": sum(n for n, copy in saved.values() if not copy),
+    }
+
+
+def build(name: str, device: torch.device, amp_dtype):
+    """train.py's model, optimizer and one step for network name, on device."""
+    folder, arch, batch, size = NETWORKS[name]
+    train_py = load_train_py(folder)
+    argv = ["--image-size", str(size)] + (["--arch", arch] if arch else [])
+    args = train_py.get_args_parser().parse_args(argv)
+    torch.manual_seed(0)
+    model = train_py.build_model(args, 5).to(device, memory_format=torch.channels_last).train()
+    optimizer = train_py.make_optimizer(model, args)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step(batch_size: int) -> None:
+        images = torch.randn(batch_size, 3, size, size, device=device)
+        images = images.contiguous(memory_format=torch.channels_last)
+        targets = torch.randint(0, 5, (batch_size,), device=device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, _ = train_py.compute_loss(model(images), targets, criterion)
+        loss.backward()
+
+    def update() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, optimizer, step, update
+
+
+def estimate(name: str, batch: int, amp_dtype) -> dict:
+    """The CPU estimate of one step of network name at batch."""
+    device = torch.device("cpu")
+    model, optimizer, step, update = build(name, device, amp_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = step_memory(model, lambda: step(batch), params, amp_dtype)
+    update()  # AdamW's state exists from its first step on
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    parts = {
+        "weights": weights,
+        "gradients": sum(p.numel() * p.element_size() for p in params),
+        "optimizer": sum(t.numel() * t.element_size() for t in state),
+        **parts,
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
+def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float) -> dict:
+    """Peak memory reserved by a few real steps on the GPU under a cap, and the largest batch."""
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
+    model, optimizer, step, update = build(name, device, amp_dtype)
+    torch.backends.cudnn.benchmark = True
+
+    def peak(batch_size: int) -> float | None:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            for _ in range(3):
+                step(batch_size)
+                update()
+            torch.cuda.synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        return torch.cuda.max_memory_reserved(device) / GIB
+
+    measured = peak(batch)
+    low, high = (batch, None) if measured is not None else (0, batch)
+    while high is None and low < 4096:  # double until a batch no longer fits
+        if peak(2 * low) is None:
+            high = 2 * low
+        else:
+            low *= 2
+    while high is not None and high - low > 1:  # then bisect between the last fit and misfit
+        middle = (low + high) // 2
+        if peak(middle) is None:
+            high = middle
+        else:
+            low = middle
+    return {"peak_reserved_gib": measured, "largest_batch_under_cap": low, "cap_gib": cap_gib}
+
+
+def markdown(rows: list[dict], cuda: bool) -> str:
+    head = [
+        "model",
+        "batch",
+        "weights",
+        "gradients",
+        "AdamW state",
+        "autocast copies",
+        "saved activations",
+        "estimate, GiB",
+    ]
+    if cuda:
+        head += ["measured peak, GiB", "largest batch under cap"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for r in rows:
+        mib = [
+            f"{r[k] / 2**20:.0f} MiB"
+            for k in ("weights", "gradients", "optimizer", "autocast_copies", "saved_activations")
+        ]
+        cells = [r["model"], str(r["batch"]), *mib, f"{r['total'] / GIB:.2f}"]
+        if cuda:
+            peak = r.get("peak_reserved_gib")
+            cells += [
+                "does not fit" if peak is None else f"{peak:.2f}",
+                str(r.get("largest_batch_under_cap")),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(NETWORKS),
+        choices=list(NETWORKS),
+        help="networks to measure (default: all)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size for every network (default: each folder's default)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cpu: the estimate only; cuda: also measure (default: cpu)",
+    )
+    parser.add_argument(
+        "--cap",
+        type=float,
+        default=6.0,
+        help="GiB the process may use on the GPU (default: 6, a 6 GB card)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "benchmarks" / "memory.json",
+        help="where to write the results (default: benchmarks/memory.json)",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/memory.py: error: --device cuda, but CUDA is not available here")
+    amp_dtype = torch.bfloat16  # what --amp auto picks on GPUs from Ampere on (fp16: same size)
+    rows = []
+    for name in args.models:
+        batch = args.batch or NETWORKS[name][2]
+        started = time.perf_counter()
+        row = {"model": name, "batch": batch, **estimate(name, batch, amp_dtype)}
+        if args.device == "cuda":
+            row.update(measure_cuda(name, batch, amp_dtype, args.cap))
+        rows.append(row)
+        print(
+            f"{name}: {row['total'] / GIB:.2f} GiB estimated "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "gpu": gpu,
+        "command": " ".join(["python", "benchmarks/memory.py", *sys.argv[1:]]),
+    }
+    table = markdown(rows, cuda=args.device == "cuda")
+    print(table)
+    args.json.write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
