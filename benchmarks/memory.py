@@ -4,10 +4,11 @@
     $ python benchmarks/memory.py --models vgg16 resnet50 --batch 64
     $ python benchmarks/memory.py --device cuda         # measured under a 6 GiB cap, on a GPU
 
-On any machine, one real training step of train.py's recipe (its model, AdamW, bf16 autocast
-as on a GPU from Ampere on, channels_last) is taken apart: the fp32 weights, their gradients,
+On any machine, real training steps of train.py's recipe (its model, AdamW, bf16 autocast as
+on a GPU from Ampere on, channels_last) are taken apart: the fp32 weights, their gradients,
 AdamW's state, the bf16 copies of the weights that autocast makes, and every other tensor the
-step saves for backward (counted once per storage, through autograd's saved-tensor hooks).
+step saves for backward (counted once per storage, through autograd's saved-tensor hooks;
+measured at batches of 1 and 2, and extended linearly to the batch asked for).
 Their sum is what the step holds at its peak, before the allocator's rounding, cuDNN's
 workspaces and the CUDA context (some hundreds of MiB), which only a GPU can show.
 
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
@@ -65,30 +68,44 @@ def nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
+class RecordWeightCasts(TorchDispatchMode):
+    """Notes the storage of every copy autocast makes of a weight (aten._to_copy of one)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.weights = {storage_key(p) for p in params}
+        self.casts: set[tuple] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if func is torch.ops.aten._to_copy.default and torch.is_tensor(source):
+            if storage_key(source) in self.weights:
+                self.casts.add(storage_key(out))
+        return out
+
+
 def step_memory(model, step, params: list[torch.Tensor], amp_dtype) -> dict:
     """Bytes of what one training step holds, by kind; step() runs forward and backward.
 
     Saved tensors are recorded as autograd packs them: a storage counts once however many
-    ops save it; the weights themselves are counted as weights, their autocast copies (as many
-    elements as a weight, in the autocast dtype) apart from the other activations.
+    ops save it; the weights themselves are counted as weights, and the copies autocast makes
+    of them apart from the other activations.
     """
     weight_storages = {storage_key(p) for p in params}
-    weight_sizes = {p.numel() for p in params}
-    saved: dict[tuple, tuple[int, bool]] = {}
+    saved: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor):
         key = storage_key(t)
-        if key not in weight_storages and key not in saved:
-            size = t.untyped_storage().nbytes() // t.element_size()  # a copy may be transposed
-            copy = t.dtype == amp_dtype and size in weight_sizes
-            saved[key] = (nbytes(t), copy)
+        if key not in weight_storages:
+            saved[key] = nbytes(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with RecordWeightCasts(params) as casts, saved_tensors_hooks(pack, lambda t: t):
         step()
     return {
-        "autocast_copies": sum(n for n, copy in saved.values() if copy),
-        "saved_activations": sum(n for n, copy in saved.values() if not copy),
+        "autocast_copies": sum(n for key, n in saved.items() if key in casts.casts),
+        "saved_activations": sum(n for key, n in saved.items() if key not in casts.casts),
     }
 
 
@@ -119,19 +136,23 @@ def build(name: str, device: torch.device, amp_dtype):
 
 
 def estimate(name: str, batch: int, amp_dtype) -> dict:
-    """The CPU estimate of one step of network name at batch."""
+    """The CPU estimate of one step of network name at batch.
+
+    The step runs for real at batches of 1 and 2: what it saves grows linearly with the batch
+    (per image), so those two give it at any batch without the compute of a large one.
+    """
     device = torch.device("cpu")
     model, optimizer, step, update = build(name, device, amp_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    parts = step_memory(model, lambda: step(batch), params, amp_dtype)
+    one, two = (step_memory(model, lambda n=n: step(n), params, amp_dtype) for n in (1, 2))
+    saved = {k: one[k] + (two[k] - one[k]) * (batch - 1) for k in one}
     update()  # AdamW's state exists from its first step on
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     parts = {
-        "weights": weights,
+        "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
         "gradients": sum(p.numel() * p.element_size() for p in params),
         "optimizer": sum(t.numel() * t.element_size() for t in state),
-        **parts,
+        **saved,
     }
     return {**parts, "total": sum(parts.values())}
 

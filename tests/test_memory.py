@@ -47,3 +47,14 @@ def test_the_estimate_of_a_real_recipe_adds_up():
     assert abs(row["optimizer"] - 2 * weights) <= 64  # AdamW's two moments (and step counts)
     parts = ("weights", "gradients", "optimizer", "autocast_copies", "saved_activations")
     assert row["total"] == sum(row[k] for k in parts)
+
+
+def test_the_linear_extension_matches_a_step_at_the_full_batch(monkeypatch):
+    memory = load_module(REPO / "benchmarks" / "memory.py", "benchmarks_memory")
+    monkeypatch.setitem(memory.NETWORKS, "resnet18_small", ("resnet", "resnet18", 6, 64))
+    model, _, step, _ = memory.build("resnet18_small", torch.device("cpu"), torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    direct = memory.step_memory(model, lambda: step(6), params, torch.bfloat16)
+    extended = memory.estimate("resnet18_small", 6, torch.bfloat16)
+    for kind in ("saved_activations", "autocast_copies"):
+        assert abs(extended[kind] - direct[kind]) <= 0.01 * direct[kind], kind
