@@ -141,8 +141,12 @@ def image_kinds(folder: Path) -> dict[str, Path]:
     }
 
 
-def test_load_image_converts_every_kind_to_upright_rgb(tmp_path):
-    load_image = load_script("lenet", "predict").load_image
+@pytest.mark.parametrize("script", ["predict", "train"])
+def test_every_kind_of_image_is_read_as_upright_rgb_by_both_scripts(tmp_path, script):
+    if script == "predict":
+        load_image = load_script("lenet", "predict").open_rgb
+    else:  # train.py reads its datasets through the same open_rgb
+        load_image = load_script("lenet", "train").load_image
     kinds = image_kinds(tmp_path / "kinds")
     for name, path in kinds.items():
         img = load_image(path)
@@ -265,7 +269,7 @@ def test_preprocessing_is_train_py_validation_path():
 
 def test_shared_predict_functions_are_identical_in_the_five_files():
     reference = shared_definitions("resnet", "predict.py")
-    assert {"load_image", "predict", "draw", "main", "__main__"} <= set(reference)
+    assert {"open_rgb", "predict", "draw", "main", "__main__"} <= set(reference)
     for family in FAMILIES:
         theirs = shared_definitions(family, "predict.py")
         differing = [n for n in {*reference, *theirs} if theirs.get(n) != reference.get(n)]
