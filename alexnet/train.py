@@ -127,6 +127,9 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
     args.world_size = int(os.environ.get("WORLD_SIZE", 1))
     args.rank = int(os.environ.get("RANK", 0))
     args.distributed = args.world_size > 1
+    if args.distributed and args.workers == get_args_parser().get_default("workers"):
+        # The default is for the whole machine: its processes share the cores.
+        args.workers = max(1, args.workers // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     device = pick_device(args.device)
     if args.distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -346,7 +349,7 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
             f"needs at least two class folders"
         )
     classes = train_set.classes
-    if args.cache:
+    if use_cache(args, train_set, val_set):
         # Training keeps at most twice the crop size to crop from; validation keeps the
         # output of its deterministic resize and crop, so its results do not change.
         val_prepare = T.Compose([*val_tf.transforms[:2], T.PILToTensor()])
@@ -358,6 +361,49 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
         if args.rank == 0:
             print(f"cached {len(train_set) + len(val_set)} decoded images ({mib:.0f} MiB)")
     return train_set, val_set, classes
+
+
+def use_cache(args: argparse.Namespace, train_set: ImageFolder, val_set: ImageFolder) -> bool:
+    """--cache on or off; auto: on when the decoded images fit comfortably in free memory."""
+    if args.cache != "auto":
+        return args.cache == "on"
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process caches its own
+    need = decoded_bytes(train_set, val_set, args.image_size) * processes
+    free = available_memory()
+    use = free is not None and need < free / 4
+    if args.rank == 0:
+        room = "an unknown amount of" if free is None else f"{free / 2**20:.0f} MiB"
+        print(f"--cache auto: {'on' if use else 'off'}, the decoded images take about "
+              f"{need / 2**20:.0f} MiB of the {room} RAM free")  # fmt: skip
+    return use
+
+
+def decoded_bytes(train_set: ImageFolder, val_set: ImageFolder, image_size: int) -> int:
+    """What CachedImages would hold, from the image headers (nothing is decoded)."""
+    total = 3 * image_size**2 * len(val_set)  # validation keeps its crop
+    for path, _ in train_set.samples:  # training keeps at most twice the crop size
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # named when training reads it
+        scale = min(1.0, 2 * image_size / min(width, height))
+        total += 3 * round(width * scale) * round(height * scale)
+    return total
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM free for new work (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def refuse_linked_folders(split: Path) -> None:
@@ -429,6 +475,17 @@ def check_image_size(model: nn.Module, args: argparse.Namespace, device: torch.d
         ) from e
     finally:
         model.train()
+
+
+def share_buffers(model: nn.Module, args: argparse.Namespace) -> None:
+    """Give every process rank 0's batch-norm statistics, the ones best.pth keeps.
+
+    DDP sends them before each training forward, which then updates each process's own copy;
+    without --sync-bn they differ a little after the last step of an epoch.
+    """
+    if args.distributed and not args.sync_bn:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -861,10 +918,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache",
-        action="store_true",
-        help="decode every image once into memory and augment from there: "
-        "fastest when decoding is the bottleneck (small images, GPUs); needs "
-        "RAM for the decoded images (default: off)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode every image once into memory and augment from there: fastest when "
+        "decoding is the bottleneck (small images, GPUs), at the cost of RAM; --cache alone is "
+        "on (default: auto: on when the decoded images take under a quarter of the free RAM)",
     )
     parser.add_argument(
         "--compile",
@@ -902,7 +962,8 @@ def main(args: argparse.Namespace) -> None:
     criterion = nn.CrossEntropyLoss()
     if is_main:
         world = f"{args.world_size} processes x " if args.distributed else ""
-        print(f"{args.arch} on {device}, amp {amp_reason}, channels_last, {args.workers} workers, "
+        workers = f"{args.workers} workers" + (" per process" if args.distributed else "")
+        print(f"{args.arch} on {device}, amp {amp_reason}, channels_last, {workers}, "
               f"batch {world}{args.batch_size}: {len(train_set)} train / {len(val_set)} val "
               f"images, {len(classes)} classes")  # fmt: skip
 
@@ -927,7 +988,7 @@ def main(args: argparse.Namespace) -> None:
     total_steps = args.epochs * steps_per_epoch
     scheduler = make_scheduler(optimizer, total_steps, min(steps_per_epoch, total_steps // 5))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    history, start_epoch, best_acc, best_epoch = [], 1, -1.0, 0
+    history, start_epoch, best_acc, best_epoch, best_weights = [], 1, -1.0, 0, None
 
     if resumed is not None:
         check_compatible(resumed, args, classes, resumed["path"])
@@ -956,10 +1017,14 @@ def main(args: argparse.Namespace) -> None:
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             sampler.set_epoch(epoch)
+            # Dropout draws from a generator seeded per (seed, process, epoch): the processes
+            # differ, and a resumed run draws what an uninterrupted one would.
+            torch.manual_seed(hash((args.seed, args.rank, epoch)) & 0xFFFF_FFFF_FFFF)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             train = train_one_epoch(train_model, criterion, optimizer, scheduler, scaler,
                                     train_loader, device, amp_dtype, epoch, args)  # fmt: skip
+            share_buffers(model, args)
             val = evaluate(model, criterion, val_loader, device, amp_dtype, args)
             lr = optimizer.param_groups[0]["lr"]
             history.append({
@@ -971,8 +1036,10 @@ def main(args: argparse.Namespace) -> None:
             if device.type == "cuda":  # what this process's GPU needed at most, in GiB
                 history[-1]["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             improved = val["acc"] > best_acc
-            if improved:
+            if improved:  # every process keeps the best weights: no shared folder is needed
                 best_acc, best_epoch = val["acc"], epoch
+                best_weights = {k: v.detach().to("cpu", copy=True)
+                                for k, v in model.state_dict().items()}  # fmt: skip
             if not is_main:
                 continue
             print(epoch_line(history[-1], args.epochs))
@@ -1014,10 +1081,9 @@ def main(args: argparse.Namespace) -> None:
             print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue "
                   f"with:\n  {resume_command(last)}")  # fmt: skip
         sys.exit(130)
-    if args.distributed:
-        dist.barrier()  # best.pth is written
-    best = load_checkpoint(output_dir / "best.pth")
-    model.load_state_dict(best["model"])
+    if best_weights is None:  # resumed, and no epoch since beat the checkpoint's best.pth
+        best_weights = load_checkpoint(output_dir / "best.pth")["model"]
+    model.load_state_dict(best_weights)
     result = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
     if not is_main:
         return

@@ -166,7 +166,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         return model, step
 
     # (b) this project's train.py path
-    def ours_loaders(cache: bool):
+    def ours_loaders(cache: str):
         ours_args = project_args(cache=cache)
         train_set, val_set, _ = train_py.load_datasets(ours_args)
         sampler, train_loader, val_loader = train_py.build_loaders(
@@ -197,8 +197,8 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
 
     num_classes = len(datasets.ImageFolder(split / "train").classes)
     classic_train, classic_val = classic_loaders()
-    ours_train, ours_val = ours_loaders(cache=False)
-    cached_train, cached_val = ours_loaders(cache=True)
+    ours_train, ours_val = ours_loaders(cache="off")
+    cached_train, cached_val = ours_loaders(cache="on")
     classic_model, classic_step = classic_setup(num_classes)
     ours_model, ours_step = ours_setup(num_classes)
     runs = {"classic": [], "ours": [], "ours_cache": []}
@@ -251,7 +251,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
             correct += (logits.argmax(1).cpu() == targets).sum().item()
             total += targets.size(0)
     accuracy = {"classic": correct / total}
-    for label, extra in (("ours", []), ("ours_cache", ["--cache"])):
+    for label, extra in (("ours", ["--cache", "off"]), ("ours_cache", ["--cache", "on"])):
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
                    "--epochs", str(epochs), "--image-size", str(acc_size),

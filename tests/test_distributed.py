@@ -36,6 +36,8 @@ def test_two_processes_write_one_set_of_outputs_and_report_the_true_accuracy(flo
     epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2, result.stdout  # printed once, by rank 0
     assert "2 processes x 32" in result.stdout
+    # The default --workers is the machine's, shared by its two processes.
+    assert f"{max(1, min(8, os.cpu_count() or 1) // 2)} workers per process" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
         "best.pth", "confusion_matrix.png", "curves.png", "last.pth", "metrics.csv"
     ]  # fmt: skip

@@ -156,3 +156,33 @@ def test_resume_in_fp16_from_a_fp32_run(tiny, tmp_path, monkeypatch):
     train_py.main(args)
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["scaler"]["scale"] > 0
+
+
+# --- --cache auto ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("free_mib, cached", [(10_000, True), (1, False), (None, False)])
+def test_cache_auto_caches_what_fits_comfortably_in_free_memory(tiny, monkeypatch, capsys,
+                                                                free_mib, cached):  # fmt: skip
+    train_py = load_script("lenet", "train")
+    free = None if free_mib is None else free_mib * 2**20
+    monkeypatch.setattr(train_py, "available_memory", lambda: free)
+    args = train_py.get_args_parser().parse_args(["--data-path", str(tiny), "--workers", "0"])
+    vars(args).update(rank=0, world_size=1, distributed=False)
+    assert args.cache == "auto"
+    train_set, val_set, _ = train_py.load_datasets(args)
+    assert isinstance(train_set, train_py.CachedImages) == cached
+    assert isinstance(val_set, train_py.CachedImages) == cached
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"--cache auto: {'on' if cached else 'off'}, the decoded images")
+
+
+def test_the_cache_estimate_counts_what_caching_holds(tiny):
+    train_py = load_script("lenet", "train")
+    argv = ["--data-path", str(tiny), "--cache", "on", "--workers", "0", "--image-size", "32"]
+    args = train_py.get_args_parser().parse_args(argv)
+    vars(args).update(rank=0, world_size=1, distributed=False)
+    train_set, val_set, _ = train_py.load_datasets(args)
+    estimate = train_py.decoded_bytes(*[train_py.ImageFolder(tiny / s) for s in ("train", "val")],
+                                      32)  # fmt: skip
+    assert estimate == train_set.nbytes + val_set.nbytes
