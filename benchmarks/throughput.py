@@ -12,7 +12,9 @@ loops run on the same model.py, the same photos and the same batch size, interle
   (b) ours: the step of train.py, built from its own functions (its datasets and transforms,
       AdamW, autocast as `--amp auto` picks it, channels_last, its DataLoader settings), with
       and without `--cache`.
-Images/s are counted over --steps batches after --warmup batches, median of --repeats.
+Images/s are counted over --steps batches after --warmup batches, median of --repeats (on a
+GPU, between synchronisations). The compute limit is (b)'s step on one batch already in
+memory, repeated: how close each loop comes to it shows what data loading costs.
 Validation images/s compare the same two recipes in eval mode. Then each loop trains the
 network for --accuracy-epochs on the split sample and both report val accuracy, so a speed-up
 that costs accuracy shows. Last, predict.py's cold start (one image, wall time of the whole
@@ -85,16 +87,21 @@ def machine() -> dict:
     }
 
 
-def timed_steps(loader, step, warmup: int, steps: int) -> float:
-    """Images/s of step over `steps` batches of loader after `warmup` batches."""
+def timed_steps(loader, step, warmup: int, steps: int, sync=lambda: None) -> float:
+    """Images/s of step over `steps` batches of loader after `warmup` batches.
+
+    sync waits for the device (a GPU runs behind the Python that feeds it).
+    """
     iterator = iter(loader)
     for _ in range(warmup):
         step(*next(iterator))
+    sync()
     start, seen = time.perf_counter(), 0
     for _ in range(steps):
         images, targets = next(iterator)
         step(images, targets)
         seen += targets.size(0)
+    sync()
     return seen / (time.perf_counter() - start)
 
 
@@ -115,6 +122,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     amp_dtype, _ = train_py.pick_amp("auto", device)
     cpus = os.cpu_count() or 1
     criterion = nn.CrossEntropyLoss()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     # Enough photos for warm-up and timed steps, cycled if the folder is small.
     needed = (args.warmup + steps) * batch
 
@@ -177,6 +185,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
 
     def ours_setup(num_classes: int):
         torch.manual_seed(0)
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py sets it
         ours_args = project_args()
         model = train_py.build_model(ours_args, num_classes)
         model = model.to(device, memory_format=torch.channels_last)
@@ -202,16 +211,22 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     classic_model, classic_step = classic_setup(num_classes)
     ours_model, ours_step = ours_setup(num_classes)
     runs = {"classic": [], "ours": [], "ours_cache": []}
+    # The compute limit: the same step on one batch already in memory, again and again.
+    in_memory = next(iter(cached_train))
+    runs["limit"] = []
     for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit all alike
         classic_model.train()
-        runs["classic"].append(timed_steps(classic_train, classic_step, args.warmup, steps))
+        runs["classic"].append(timed_steps(classic_train, classic_step, args.warmup, steps, sync))
         ours_model.train()
-        runs["ours"].append(timed_steps(ours_train, ours_step, args.warmup, steps))
-        runs["ours_cache"].append(timed_steps(cached_train, ours_step, args.warmup, steps))
+        runs["ours"].append(timed_steps(ours_train, ours_step, args.warmup, steps, sync))
+        runs["ours_cache"].append(timed_steps(cached_train, ours_step, args.warmup, steps, sync))
+        runs["limit"].append(timed_steps([in_memory] * (args.warmup + steps), ours_step,
+                                         args.warmup, steps, sync))  # fmt: skip
     train_ips = {k: statistics.median(v) for k, v in runs.items()}
 
     def eval_rate(model, loader, prepare, dtype) -> float:
         model.eval()
+        sync()
         start, seen = time.perf_counter(), 0
         with torch.no_grad():
             for images, targets in loader:
@@ -219,6 +234,7 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     model(images)
                 seen += targets.size(0)
+        sync()
         return seen / (time.perf_counter() - start)
 
     val_ips = {
@@ -268,6 +284,8 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
             "train_img_s": train_ips, "train_runs": runs, "val_img_s": val_ips,
             "speedup": train_ips["ours"] / train_ips["classic"],
             "speedup_cache": train_ips["ours_cache"] / train_ips["classic"],
+            "of_limit": train_ips["ours"] / train_ips["limit"],
+            "of_limit_cache": train_ips["ours_cache"] / train_ips["limit"],
             "steps": steps, "accuracy": accuracy, "accuracy_epochs": epochs,
             "accuracy_image_size": acc_size, "peak_ram_mib": peak}  # fmt: skip
 
@@ -309,16 +327,18 @@ def markdown(results: list[dict], info: dict, command: str) -> str:
         f"{info['date']}; `{command}`",
         "",
         "| model | batch | amp | train img/s classic | ours | ours --cache | speed-up | "
-        "speed-up --cache | val img/s classic / ours | val acc classic / ours / --cache | "
+        "speed-up --cache | compute limit img/s | of the limit: ours / --cache | "
+        "val img/s classic / ours | val acc classic / ours / --cache | "
         "peak RAM MiB | predict: 1 photo, s | predict: 100 photos, s |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |",
+        "| ---: | ---: | ---: |",
     ]
     for r in results:
         t, v, a, p = r["train_img_s"], r["val_img_s"], r["accuracy"], r["predict"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['amp']} | {t['classic']:.1f} | {t['ours']:.1f} "
             f"| {t['ours_cache']:.1f} | {r['speedup']:.2f}x | {r['speedup_cache']:.2f}x "
+            f"| {t['limit']:.1f} | {r['of_limit']:.2f} / {r['of_limit_cache']:.2f} "
             f"| {v['classic']:.1f} / {v['ours']:.1f} "
             f"| {a['classic']:.2f} / {a['ours']:.2f} / {a['ours_cache']:.2f} "
             f"| {r['peak_ram_mib']:.0f} | {p['cold_start_s']:.1f} | {p['folder_100_s']:.1f} |"
