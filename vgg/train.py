@@ -563,8 +563,11 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
     return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
 
 
-def make_scheduler(optimizer, total_steps: int, warmup_steps: int) -> LambdaLR:
-    """Linear warm-up, then cosine decay to zero, stepped once per batch."""
+def make_scheduler(optimizer, steps_per_epoch: int, epochs: int) -> LambdaLR:
+    """One epoch of linear warm-up (a fifth of the run at most), then cosine decay to zero,
+    stepped once per optimizer step."""
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = min(steps_per_epoch, total_steps // 5)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -1029,40 +1032,18 @@ def main(args: argparse.Namespace) -> None:
               f"images, {len(classes)} classes")  # fmt: skip
 
     if args.test_only:
-        path = Path(args.resume) if args.resume not in (None, "last") else output_dir / "best.pth"
-        checkpoint = load_checkpoint(path.expanduser().resolve())
-        check_compatible(checkpoint, args, classes, path)
-        model.load_state_dict(checkpoint["model"])
-        result = evaluate(model, criterion, val_loader, device, amp_dtype, args)
-        if is_main:
-            print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
-            report_confusion(result, classes, output_dir / "confusion_matrix.png")
+        evaluate_checkpoint(model, criterion, val_loader, device, amp_dtype, args, classes,
+                            output_dir)  # fmt: skip
         return
 
     optimizer = make_optimizer(model, args)
-    steps_per_epoch = 1 if args.dry_run else len(train_loader) // args.accum_steps
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"--accum-steps {args.accum_steps} needs that many batches per epoch, and there are "
-            f"{len(train_loader)} of --batch-size {args.batch_size}; lower one of them"
-        )
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, total_steps, min(steps_per_epoch, total_steps // 5))
+    scheduler = make_scheduler(optimizer, steps_per_epoch(len(train_loader), args), args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     history, start_epoch, best_acc, best_epoch, best_weights = [], 1, -1.0, 0, None
-
     if resumed is not None:
         check_compatible(resumed, args, classes, resumed["path"])
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
-            scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        random.setstate(resumed["rng"]["python"])
-        history = resumed["history"]
-        start_epoch = resumed["epoch"] + 1
-        best_acc, best_epoch = resumed["best_acc"], resumed["best_epoch"]
+        history, start_epoch, best_acc, best_epoch = restore(resumed, model, optimizer,
+                                                             scheduler, scaler)  # fmt: skip
         if is_main:
             print(f"resumed from {resumed['path']} at epoch {resumed['epoch']}")
     train_model = model
@@ -1105,9 +1086,9 @@ def main(args: argparse.Namespace) -> None:
                 continue
             print(epoch_line(history[-1], args.epochs))
             if train["data_wait"] > 0.3 and epoch == start_epoch:
+                cache = "" if isinstance(train_set, CachedImages) else "--cache on or "
                 print(f"note: training waited for data {train['data_wait']:.0%} of the time; "
-                      f"--cache (decode every photo once) or more --workers (now "
-                      f"{args.workers}) can feed it faster")  # fmt: skip
+                      f"{cache}more --workers (now {args.workers}) can feed it faster")  # fmt: skip
 
             state = {
                 "family": FAMILY, "arch": args.arch, "model": model.state_dict(),
@@ -1116,23 +1097,13 @@ def main(args: argparse.Namespace) -> None:
                 "best_epoch": best_epoch,
                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             }  # fmt: skip
-            try:
-                if improved:
-                    save_checkpoint(state, output_dir / "best.pth")
-                save_checkpoint({
-                    **state, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "history": history,
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                }, output_dir / "last.pth")  # fmt: skip
-                saved_epoch = epoch
-                write_metrics(history, output_dir)
-            except TrainingError as e:
-                kept = "nothing was saved yet"
-                if saved_epoch:
-                    kept = (f"{output_dir / 'last.pth'} holds epoch {saved_epoch}; fix that, "
-                            f"then continue with --resume")  # fmt: skip
-                raise TrainingError(f"{e}; {kept}") from e
+            training = {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "history": history,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            }  # fmt: skip
+            save_epoch(state, training, improved, saved_epoch, output_dir)
+            saved_epoch = epoch
     except KeyboardInterrupt:
         if is_main and saved_epoch == 0:
             print(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again",
@@ -1152,6 +1123,63 @@ def main(args: argparse.Namespace) -> None:
     total = time.perf_counter() - started
     print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}, "
           f"{total / 60:.1f} min; outputs in {output_dir}")  # fmt: skip
+
+
+def evaluate_checkpoint(model, criterion, loader, device, amp_dtype, args, classes,
+                        output_dir: Path) -> None:  # fmt: skip
+    """--test-only: val loss, accuracy and confusion matrix of best.pth (or --resume PATH)."""
+    path = Path(args.resume) if args.resume not in (None, "last") else output_dir / "best.pth"
+    checkpoint = load_checkpoint(path.expanduser().resolve())
+    check_compatible(checkpoint, args, classes, path)
+    model.load_state_dict(checkpoint["model"])
+    result = evaluate(model, criterion, loader, device, amp_dtype, args)
+    if args.rank == 0:
+        print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
+        report_confusion(result, classes, output_dir / "confusion_matrix.png")
+
+
+def steps_per_epoch(batches: int, args: argparse.Namespace) -> int:
+    """Optimizer steps per epoch: one per --accum-steps batches (one with --dry-run)."""
+    if args.dry_run:
+        return 1
+    if batches < args.accum_steps:
+        raise TrainingError(
+            f"--accum-steps {args.accum_steps} needs that many batches per epoch, and there are "
+            f"{batches} of --batch-size {args.batch_size}; lower one of them"
+        )
+    return batches // args.accum_steps
+
+
+def restore(resumed: dict, model, optimizer, scheduler, scaler) -> tuple[list, int, float, int]:
+    """Put the training state of a checkpoint back; its history, next epoch and best so far."""
+    model.load_state_dict(resumed["model"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
+        scaler.load_state_dict(resumed["scaler"])
+    torch.set_rng_state(resumed["rng"]["torch"])
+    random.setstate(resumed["rng"]["python"])
+    return resumed["history"], resumed["epoch"] + 1, resumed["best_acc"], resumed["best_epoch"]
+
+
+def save_epoch(state: dict, training: dict, improved: bool, saved_epoch: int,
+               output_dir: Path) -> None:  # fmt: skip
+    """best.pth (if improved), last.pth (with training to resume) and the metrics.
+
+    Each file is written whole or not at all; a failure says what the folder still holds.
+    """
+    try:
+        if improved:
+            save_checkpoint(state, output_dir / "best.pth")
+        save_checkpoint({**state, **training}, output_dir / "last.pth")
+        saved_epoch = state["epoch"]
+        write_metrics(training["history"], output_dir)
+    except TrainingError as e:
+        kept = "nothing was saved yet"
+        if saved_epoch:
+            kept = (f"{output_dir / 'last.pth'} holds epoch {saved_epoch}; fix that, then "
+                    f"continue with --resume")  # fmt: skip
+        raise TrainingError(f"{e}; {kept}") from e
 
 
 def check_args(args: argparse.Namespace) -> None:
