@@ -59,7 +59,7 @@ def test_two_processes_write_one_set_of_outputs_and_report_the_true_accuracy(flo
 def test_one_step_on_two_processes_equals_one_step_on_one_with_twice_the_batch(flowers, tmp_path):
     # LeNet has neither batch norm nor dropout: the only difference is where the sum happens.
     common = ["--data-path", flowers, "--epochs", "1", "--dry-run", "--amp", "off",
-              "--workers", "0", "--image-size", "32"]  # fmt: skip
+              "--workers", "0", "--image-size", "32", "--cache", "off"]  # fmt: skip
     two = torchrun("lenet", *common, "-b", "8", "--output-dir", tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
     one = run_script(REPO / "lenet" / "train.py", *common, "-b", "16",
