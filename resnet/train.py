@@ -1162,16 +1162,16 @@ def restore(resumed: dict, model, optimizer, scheduler, scaler) -> tuple[list, i
 
 def save_epoch(state: dict, training: dict, improved: bool, saved_epoch: int,
                output_dir: Path) -> None:  # fmt: skip
-    """best.pth (if improved), last.pth (with training to resume) and the metrics.
+    """The metrics, best.pth (if improved) and last.pth (with training to resume), in that
+    order: last.pth, written last, is the epoch that a resumed run continues from.
 
     Each file is written whole or not at all; a failure says what the folder still holds.
     """
     try:
+        write_metrics(training["history"], output_dir)
         if improved:
             save_checkpoint(state, output_dir / "best.pth")
         save_checkpoint({**state, **training}, output_dir / "last.pth")
-        saved_epoch = state["epoch"]
-        write_metrics(training["history"], output_dir)
     except TrainingError as e:
         kept = "nothing was saved yet"
         if saved_epoch:
