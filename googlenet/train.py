@@ -47,7 +47,8 @@ FOLDER = Path(__file__).resolve().parent
 ROOT = FOLDER.parent
 FAMILY = "googlenet"
 DEFAULTS = {"arch": "googlenet", "epochs": 30, "batch_size": 32, "lr": 5e-4,
-            "weight_decay": 0.05, "image_size": 224}  # fmt: skip
+            "weight_decay": 0.05, "label_smoothing": 0.0, "augment": "crop-flip",
+            "image_size": 224}  # fmt: skip
 # ImageNet's mean and std: what torchvision's pretrained weights expect, and fine from scratch.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -179,19 +180,22 @@ def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     return None, f"off: no fast half precision on {device.type} here"
 
 
-def build_transforms(image_size: int) -> tuple[T.Compose, T.Compose]:
+def build_transforms(image_size: int, augment: str = "crop-flip") -> tuple[T.Compose, T.Compose]:
     """Training augmentation and the validation preprocessing (predict.py repeats the latter).
 
     Both take a PIL image or a uint8 tensor. The first two steps of the validation pipeline
     are its deterministic resize and crop, which --cache applies once (see load_datasets).
     """
+    strong = augment == "trivialaugment"
     train = T.Compose(
         [
             T.RandomResizedCrop(image_size, antialias=True),
             T.RandomHorizontalFlip(),
+            *([T.TrivialAugmentWide()] if strong else []),
             T.ToImage(),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(MEAN, STD),
+            *([T.RandomErasing(0.25)] if strong else []),
         ]
     )
     val = T.Compose(
@@ -324,7 +328,7 @@ def shrink_to(shorter: int):
 
 def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]]:
     """The ImageFolder train/ and val/ of --data-path, which must have the same classes."""
-    train_tf, val_tf = build_transforms(args.image_size)
+    train_tf, val_tf = build_transforms(args.image_size, args.augment)
     # JPEGs are decoded at no less than twice the size the transforms need: training crops
     # from twice the crop size, validation from twice its resize.
     loaders = {"train": partial(load_image, draft=2 * args.image_size),
@@ -456,7 +460,7 @@ def build_loaders(
     train_loader = DataLoader(
         SeededSamples(train_set, args.seed),
         sampler=sampler,
-        drop_last=len(sampler) > args.batch_size,
+        drop_last=len(sampler) % args.batch_size == 1,  # batch norm cannot train on 1 image
         **loader_kwargs,
     )
     val_shard = Subset(val_set, range(args.rank, len(val_set), args.world_size))
@@ -870,6 +874,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"AdamW weight decay, not on biases and norms (default: {DEFAULTS['weight_decay']:g})",
     )
     parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=DEFAULTS["label_smoothing"],
+        help="share of each target spread over the other classes "
+        f"(default: {DEFAULTS['label_smoothing']:g})",
+    )
+    parser.add_argument(
+        "--augment",
+        default=DEFAULTS["augment"],
+        choices=["crop-flip", "trivialaugment"],
+        help="training augmentation: crop-flip is a random resized crop and a horizontal flip; "
+        "trivialaugment adds torchvision's TrivialAugmentWide and random erasing "
+        f"(default: {DEFAULTS['augment']})",
+    )
+    parser.add_argument(
         "-j",
         "--workers",
         type=int,
@@ -969,7 +988,7 @@ def main(args: argparse.Namespace) -> None:
     check_image_size(model, args, device)
     if args.sync_bn and args.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     if is_main:
         world = f"{args.world_size} processes x " if args.distributed else ""
         workers = f"{args.workers} workers" + (" per process" if args.distributed else "")
@@ -1140,6 +1159,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise TrainingError(f"--weight-decay must be 0 or a positive number, got "
                             f"{args.weight_decay}")  # fmt: skip
+    if not 0 <= args.label_smoothing < 1:  # also refuses nan
+        raise TrainingError(f"--label-smoothing must be from 0 to below 1, got "
+                            f"{args.label_smoothing}")  # fmt: skip
 
 
 def prepare_output_dir(output_dir: Path) -> None:
@@ -1179,7 +1201,8 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
             f"{args.epochs}: nothing to train; pass a larger --epochs, or --test-only"
         )
     defaults = get_args_parser()
-    for name in ("batch_size", "accum_steps", "lr", "weight_decay", "image_size", "seed"):
+    for name in ("batch_size", "accum_steps", "lr", "weight_decay", "label_smoothing", "augment",
+                 "image_size", "seed"):  # fmt: skip
         given = getattr(args, name)
         saved = checkpoint.get("args", {}).get(name, given)
         if given != saved:
