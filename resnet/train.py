@@ -591,13 +591,16 @@ def train_one_epoch(
     """One pass over this process's training batches; loss, accuracy, speed and data wait.
 
     With --accum-steps N the gradients of N batches add up before each optimizer step, so a
-    step sees N x --batch-size images (the batches left over at the end of an epoch, fewer
-    than N, are skipped). The totals stay on the device, read every few batches only: each
-    read waits for the GPU.
+    step sees N x --batch-size images (the last step of an epoch takes the batches left). Each
+    batch's loss counts by its share of the step's images: the step is the mean over them, as
+    one large batch would have it. The totals stay on the device, read every few batches
+    only: each read waits for the GPU.
     """
     model.train()
     accum = args.accum_steps
-    batches = accum if args.dry_run else len(loader) // accum * accum
+    batches = min(accum, len(loader)) if args.dry_run else len(loader)
+    samples = len(loader.sampler)
+    batch_sizes = [min(args.batch_size, samples - i * args.batch_size) for i in range(batches)]
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, loss x images, correct
     bar = tqdm(total=batches, desc=f"epoch {epoch}/{args.epochs} train", leave=False,
                dynamic_ncols=True, mininterval=1.0, disable=args.rank != 0)  # fmt: skip
@@ -607,13 +610,15 @@ def train_one_epoch(
     for batch, (images, targets) in enumerate(loader, 1):
         waited += time.perf_counter() - ready  # time spent waiting for this batch
         images, targets = to_device(images, targets, device)
-        last_of_step = batch % accum == 0
+        last_of_step = batch % accum == 0 or batch == batches
+        first = (batch - 1) // accum * accum
+        share = targets.size(0) / sum(batch_sizes[first : first + accum])
         # Under DDP, gradients are averaged over the processes once per optimizer step.
         no_sync = args.distributed and not last_of_step and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, logits = compute_loss(model(images), targets, criterion)
-            scaler.scale(loss / accum).backward()
+            scaler.scale(loss * share).backward()
         if last_of_step:
             scaler.step(optimizer)
             scaler.update()
@@ -1155,7 +1160,8 @@ def evaluate_checkpoint(model, criterion, loader, device, amp_dtype, args, class
 
 
 def steps_per_epoch(batches: int, args: argparse.Namespace) -> int:
-    """Optimizer steps per epoch: one per --accum-steps batches (one with --dry-run)."""
+    """Optimizer steps per epoch: one per --accum-steps batches, the last one per the batches
+    left (one with --dry-run)."""
     if args.dry_run:
         return 1
     if batches < args.accum_steps:
@@ -1163,7 +1169,7 @@ def steps_per_epoch(batches: int, args: argparse.Namespace) -> int:
             f"--accum-steps {args.accum_steps} needs that many batches per epoch, and there are "
             f"{batches} of --batch-size {args.batch_size}; lower one of them"
         )
-    return batches // args.accum_steps
+    return -(-batches // args.accum_steps)
 
 
 def restore(resumed: dict, model, optimizer, scheduler, scaler) -> tuple[list, int, float, int]:

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAMILIES, REPO, SMALL, jpeg_bytes, load_module, needs_sample, run_script
+from conftest import (
+    FAMILIES,
+    REPO,
+    SMALL,
+    jpeg_bytes,
+    load_module,
+    load_script,
+    needs_sample,
+    run_script,
+)
 from sync_shared import shared_definitions
 
 EPOCH_LINE = re.compile(
@@ -246,6 +255,53 @@ def test_diverging_loss_stops_with_the_epoch_and_step(tiny, tmp_path):
     result = train("lenet", "--data-path", tiny, "--lr", "1e30", "--epochs", "3",
                    "-b", "4", "--output-dir", tmp_path / "o")  # fmt: skip
     assert_one_line_error(result, "at epoch 1, step", "lower --lr")
+
+
+def test_the_last_partial_batch_trains_unless_it_is_a_single_image(tiny, tmp_path):
+    flags = ["--epochs", "1", "-b", "8", "--device", "cpu", "--workers", "0"]
+    steps = {}
+    for n in (18, 17):  # 8 + 8 + 2 images, then 8 + 8 + 1 (a lone image cannot be normalised)
+        if n == 17:
+            (tiny / "train" / "a" / "0.jpg").unlink()
+        result = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / str(n), *flags)
+        assert result.returncode == 0, result.stderr[-2000:]
+        state = torch.load(tmp_path / str(n) / "last.pth", weights_only=True)
+        steps[n] = state["scheduler"]["last_epoch"]
+    assert steps == {18: 3, 17: 2}
+
+
+def test_label_smoothing_and_augmentation_reach_training_and_stay_on_resume(tiny, tmp_path):
+    flags = ["--device", "cpu", "--amp", "off", "--workers", "0", "-b", "6"]
+    runs = {"plain": [], "smoothed": ["--label-smoothing", "0.5", "--augment", "trivialaugment"]}
+    for name, extra in runs.items():
+        result = train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir",
+                       tmp_path / name, *flags, *extra)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    resumed = train("lenet", "--data-path", tiny, "--epochs", "2", "--output-dir",
+                    tmp_path / "smoothed", "--resume", *flags)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    smoothed = torch.load(tmp_path / "smoothed" / "last.pth", weights_only=True)
+    assert smoothed["epoch"] == 2
+    assert (smoothed["args"]["label_smoothing"], smoothed["args"]["augment"]) == (
+        0.5, "trivialaugment")  # fmt: skip
+    plain = torch.load(tmp_path / "plain" / "last.pth", weights_only=True)
+    first = float(plain["history"][0]["train_loss"])
+    assert first != float(smoothed["history"][0]["train_loss"])  # same seed, other recipe
+    build_transforms = load_script("lenet", "train").build_transforms
+    names = {augment: [type(t).__name__ for t in build_transforms(32, augment)[0].transforms]
+             for augment in ("crop-flip", "trivialaugment")}  # fmt: skip
+    assert (
+        "TrivialAugmentWide" in names["trivialaugment"]
+        and "RandomErasing" in names["trivialaugment"]
+    )
+    assert not {"TrivialAugmentWide", "RandomErasing"} & set(names["crop-flip"])
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
+def test_label_smoothing_out_of_range_is_one_line(tiny, tmp_path, value):
+    result = train("lenet", "--data-path", tiny, "--label-smoothing", value,
+                   "--output-dir", tmp_path / "o")  # fmt: skip
+    assert_one_line_error(result, "--label-smoothing must be from 0 to below 1")
 
 
 def test_resume_from_another_model_or_dataset_is_refused(tiny, tmp_path):
