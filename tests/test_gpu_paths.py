@@ -189,3 +189,24 @@ def test_the_cache_estimate_counts_what_caching_holds(tiny):
     estimate = train_py.decoded_bytes(*[train_py.ImageFolder(tiny / s) for s in ("train", "val")],
                                       32)  # fmt: skip
     assert estimate == train_set.nbytes + val_set.nbytes
+
+
+def test_under_torchrun_each_process_caches_only_its_share_of_val(tiny):
+    train_py = load_script("lenet", "train")
+    folders = [train_py.ImageFolder(tiny / s) for s in ("train", "val")]
+    argv = ["--data-path", str(tiny), "--cache", "on", "--workers", "0", "--image-size", "32"]
+    caches = []
+    for rank in (0, 1):  # 6 val images over 2 processes: 0, 2, 4 and 1, 3, 5
+        args = train_py.get_args_parser().parse_args(argv)
+        vars(args).update(rank=rank, world_size=2, distributed=True)
+        train_set, val_set, _ = train_py.load_datasets(args)
+        assert [i for i, image in enumerate(val_set.images) if image is not None] == [
+            rank, rank + 2, rank + 4]  # fmt: skip
+        assert train_set.decoded == 18  # training samples any image in any epoch
+        caches.append(val_set)
+        # What each process holds is what the estimate counts for one process.
+        assert train_py.decoded_bytes(*folders, 32, 2) == train_set.nbytes + val_set.nbytes
+    # The shares are the samples build_loaders gives each process, and read the same images.
+    for rank, val_set in enumerate(caches):
+        shard = train_py.Subset(val_set, range(rank, len(val_set), 2))
+        assert [target for _, target in shard] == [val_set.targets[i] for i in shard.indices]

@@ -317,16 +317,23 @@ class CachedImages(Dataset):
     """A dataset decoded once into memory as uint8 tensors, and transformed from there.
 
     prepare runs once per image (decode, shrink); transform on every access (augmentation).
+    Only the indices in keep are decoded (default: all): under torchrun, a process's share.
     """
 
-    def __init__(self, folder: ImageFolder, prepare, transform, workers: int) -> None:
+    def __init__(self, folder: ImageFolder, prepare, transform, workers: int,
+                 keep: range | None = None) -> None:  # fmt: skip
         self.targets = folder.targets
         self.transform = transform
-        paths = [path for path, _ in folder.samples]
+        keep = range(len(folder.samples)) if keep is None else keep
+        paths = [folder.samples[i][0] for i in keep]
         with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow releases the GIL
             decoded = pool.map(lambda path: prepare(folder.loader(path)), paths)
-            self.images = list(tqdm(decoded, total=len(paths), desc="caching", leave=False))
-        self.nbytes = sum(image.numel() for image in self.images)
+            decoded = list(tqdm(decoded, total=len(paths), desc="caching", leave=False))
+        self.images = [None] * len(folder.samples)
+        for i, image in zip(keep, decoded, strict=True):
+            self.images[i] = image
+        self.decoded = len(decoded)
+        self.nbytes = sum(image.numel() for image in decoded)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -420,11 +427,15 @@ def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]
         val_prepare = T.Compose([*val_tf.transforms[:2], T.PILToTensor()])
         train_set = CachedImages(train_set, shrink_to(2 * args.image_size), train_tf,
                                  args.workers)  # fmt: skip
+        # Each process validates every world_size-th image (build_loaders): it caches those.
+        share = range(args.rank, len(val_set), args.world_size)
         val_set = CachedImages(val_set, val_prepare, T.Compose(val_tf.transforms[2:]),
-                               args.workers)  # fmt: skip
+                               args.workers, share)  # fmt: skip
         mib = (train_set.nbytes + val_set.nbytes) / 2**20
         if args.rank == 0:
-            print(f"cached {len(train_set) + len(val_set)} decoded images ({mib:.0f} MiB)")
+            each = " in each process" if args.distributed else ""
+            print(f"cached {train_set.decoded + val_set.decoded} decoded images ({mib:.0f} MiB"
+                  f"{each})")  # fmt: skip
     return train_set, val_set, classes
 
 
@@ -433,7 +444,7 @@ def use_cache(args: argparse.Namespace, train_set: ImageFolder, val_set: ImageFo
     if args.cache != "auto":
         return args.cache == "on"
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # each process caches its own
-    need = decoded_bytes(train_set, val_set, args.image_size) * processes
+    need = decoded_bytes(train_set, val_set, args.image_size, args.world_size) * processes
     free = available_memory()
     use = free is not None and need < free / 4
     if args.rank == 0:
@@ -443,9 +454,10 @@ def use_cache(args: argparse.Namespace, train_set: ImageFolder, val_set: ImageFo
     return use
 
 
-def decoded_bytes(train_set: ImageFolder, val_set: ImageFolder, image_size: int) -> int:
-    """What CachedImages would hold, from the image headers (nothing is decoded)."""
-    total = 3 * image_size**2 * len(val_set)  # validation keeps its crop
+def decoded_bytes(train_set: ImageFolder, val_set: ImageFolder, image_size: int,
+                  world_size: int = 1) -> int:  # fmt: skip
+    """What CachedImages would hold in one process, from the image headers (nothing is decoded)."""
+    total = 3 * image_size**2 * -(-len(val_set) // world_size)  # val: its crops, its share
     for path, _ in train_set.samples:  # training keeps at most twice the crop size
         try:
             with Image.open(path) as img:
