@@ -58,6 +58,7 @@ DEFAULT_MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet34"]
 def load_train_py(folder: str):
     """Import a folder's train.py with that folder's model.py as `model`."""
     sys.path.insert(0, str(ROOT / folder))
+    sys.modules.pop("model", None)  # another folder's model.py, imported before this one
     try:
         spec = importlib.util.spec_from_file_location(f"{folder}_train", ROOT / folder / "train.py")
         module = importlib.util.module_from_spec(spec)

@@ -101,3 +101,10 @@ def test_a_small_run_scores_both_recipes_on_held_out_photos_and_continues(tmp_pa
     clash = run_script(REPO / "benchmarks" / "accuracy.py", *argv, "--ours-args=--lr 1e-2")
     assert clash.returncode != 0 and "pick another --name" in clash.stderr
     assert len(clash.stderr.strip().splitlines()) == 1
+
+
+def test_each_folder_trains_its_own_model_py_after_another_was_loaded():
+    for folder in ("lenet", "alexnet", "googlenet"):
+        train_py = accuracy.load_train_py(folder)
+        args = train_py.get_args_parser().parse_args([])
+        assert type(train_py.build_model(args, 5)).__name__.lower() == folder
