@@ -957,6 +957,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULTS['augment']})",
     )
     parser.add_argument(
+        "--keep",
+        default="last",
+        choices=["last", "best-val"],
+        help="the weights best.pth holds for predict.py: the last epoch's, or those of the "
+        "epoch with the highest val accuracy (the earliest of ties); on a small val set the "
+        "highest is mostly chance (default: last)",
+    )
+    parser.add_argument(
         "-j",
         "--workers",
         type=int,
@@ -1072,7 +1080,7 @@ def main(args: argparse.Namespace) -> None:
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, steps_per_epoch(len(train_loader), args), args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    history, start_epoch, best_acc, best_epoch, best_weights = [], 1, -1.0, 0, None
+    history, start_epoch, best_acc, best_epoch, kept_val = [], 1, -1.0, 0, None
     if resumed is not None:
         check_compatible(resumed, args, classes, resumed["path"])
         history, start_epoch, best_acc, best_epoch = restore(resumed, model, optimizer,
@@ -1110,11 +1118,11 @@ def main(args: argparse.Namespace) -> None:
             })  # fmt: skip
             if device.type == "cuda":  # what this process's GPU needed at most, in GiB
                 history[-1]["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            improved = val["acc"] > best_acc
-            if improved:  # every process keeps the best weights: no shared folder is needed
+            kept = args.keep == "last" or val["acc"] > best_acc  # what best.pth holds
+            if val["acc"] > best_acc:
                 best_acc, best_epoch = val["acc"], epoch
-                best_weights = {k: v.detach().to("cpu", copy=True)
-                                for k, v in model.state_dict().items()}  # fmt: skip
+            if kept:  # every process keeps its result: no shared folder is needed
+                kept_val = {**val, "epoch": epoch}
             if not is_main:
                 continue
             print(epoch_line(history[-1], args.epochs))
@@ -1135,7 +1143,7 @@ def main(args: argparse.Namespace) -> None:
                 "scaler": scaler.state_dict(), "history": history,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             }  # fmt: skip
-            save_epoch(state, training, improved, saved_epoch, output_dir)
+            save_epoch(state, training, kept, saved_epoch, output_dir)
             saved_epoch = epoch
     except KeyboardInterrupt:
         if is_main and saved_epoch == 0:
@@ -1146,15 +1154,18 @@ def main(args: argparse.Namespace) -> None:
             print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue "
                   f"with:\n  {resume_command(last)}")  # fmt: skip
         sys.exit(130)
-    if best_weights is None:  # resumed, and no epoch since beat the checkpoint's best.pth
-        best_weights = load_checkpoint(output_dir / "best.pth")["model"]
-    model.load_state_dict(best_weights)
-    result = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
+    if kept_val is None:  # resumed, and no epoch since replaced the checkpoint's best.pth
+        best = load_checkpoint(output_dir / "best.pth")
+        model.load_state_dict(best["model"])
+        kept_val = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
+        kept_val["epoch"] = best["epoch"]
     if not is_main:
         return
-    report_confusion(result, classes, output_dir / "confusion_matrix.png")
+    report_confusion(kept_val, classes, output_dir / "confusion_matrix.png")
     total = time.perf_counter() - started
-    print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}, "
+    kept = (f"best.pth keeps epoch {kept_val['epoch']}" if args.keep == "best-val" else
+            f"best.pth keeps the last epoch (val_acc {kept_val['acc']:.4f})")  # fmt: skip
+    print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}; {kept}; "
           f"{total / 60:.1f} min; outputs in {output_dir}")  # fmt: skip
 
 
@@ -1196,16 +1207,16 @@ def restore(resumed: dict, model, optimizer, scheduler, scaler) -> tuple[list, i
     return resumed["history"], resumed["epoch"] + 1, resumed["best_acc"], resumed["best_epoch"]
 
 
-def save_epoch(state: dict, training: dict, improved: bool, saved_epoch: int,
+def save_epoch(state: dict, training: dict, kept: bool, saved_epoch: int,
                output_dir: Path) -> None:  # fmt: skip
-    """The metrics, best.pth (if improved) and last.pth (with training to resume), in that
-    order: last.pth, written last, is the epoch that a resumed run continues from.
+    """The metrics, best.pth (if this epoch is kept) and last.pth (with training to resume),
+    in that order: last.pth, written last, is the epoch that a resumed run continues from.
 
     Each file is written whole or not at all; a failure says what the folder still holds.
     """
     try:
         write_metrics(training["history"], output_dir)
-        if improved:
+        if kept:
             save_checkpoint(state, output_dir / "best.pth")
         save_checkpoint({**state, **training}, output_dir / "last.pth")
     except TrainingError as e:
@@ -1271,7 +1282,7 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
         )
     defaults = get_args_parser()
     for name in ("batch_size", "accum_steps", "lr", "weight_decay", "label_smoothing", "augment",
-                 "image_size", "seed"):  # fmt: skip
+                 "keep", "image_size", "seed"):  # fmt: skip
         given = getattr(args, name)
         saved = checkpoint.get("args", {}).get(name, given)
         if given != saved:

@@ -101,7 +101,8 @@ def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers
                   *SMALL[family])  # fmt: skip
     assert check.returncode == 0, check.stderr[-3000:]
     reported = re.search(r"val_acc ([\d.]+)", check.stdout.splitlines()[-1 - len(classes) - 1])
-    assert reported and float(reported.group(1)) == pytest.approx(best["best_acc"], abs=1e-4)
+    assert reported and float(reported.group(1)) == pytest.approx(best["val_acc"], abs=1e-4)
+    assert best["epoch"] == 2  # best.pth keeps the last epoch by default
 
 
 @needs_sample
@@ -268,6 +269,22 @@ def test_the_last_partial_batch_trains_unless_it_is_a_single_image(tiny, tmp_pat
         state = torch.load(tmp_path / str(n) / "last.pth", weights_only=True)
         steps[n] = state["scheduler"]["last_epoch"]
     assert steps == {18: 3, 17: 2}
+
+
+def test_best_pth_keeps_the_last_epoch_or_the_best_on_val(tiny, tmp_path):
+    flags = ["--epochs", "4", "--device", "cpu", "--workers", "0", "-b", "4", "--lr", "1e-2"]
+    for keep in ("last", "best-val"):
+        result = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / keep, *flags,
+                       *(["--keep", keep] if keep != "last" else []))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        best = torch.load(tmp_path / keep / "best.pth", weights_only=True)
+        with open(tmp_path / keep / "metrics.csv") as f:
+            val = [float(row["val_acc"]) for row in csv.DictReader(f)]
+        expected = 4 if keep == "last" else val.index(max(val)) + 1  # the earliest of ties
+        assert best["epoch"] == expected
+        assert best["val_acc"] == pytest.approx(val[expected - 1], abs=1e-5)
+        assert best["best_acc"] == pytest.approx(max(val), abs=1e-5)
+        assert f"epoch {val.index(max(val)) + 1}/4" in result.stdout.splitlines()[-1]
 
 
 def test_label_smoothing_and_augmentation_reach_training_and_stay_on_resume(tiny, tmp_path):
