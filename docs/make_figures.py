@@ -73,6 +73,8 @@ def main() -> None:
             "--epochs",
             args.epochs,
             "--cache",
+            "--keep",
+            "best-val",  # as when the committed pictures were made
             "--output-dir",
             out,
         )
