@@ -213,6 +213,24 @@ def run_classic(folder: str, split: Path, seed: int, args: argparse.Namespace) -
             "best_epoch": best_epoch}  # fmt: skip
 
 
+def check_image_sizes(args: argparse.Namespace) -> None:
+    """Before hours of runs: each folder's network takes its image size (GoogLeNet's auxiliary
+    heads need at least 96 px, for one)."""
+    import torch
+
+    for folder in args.folders:
+        size = image_size(folder, args)
+        train_py = load_train_py(folder)
+        parser = train_py.get_args_parser()
+        model = train_py.build_model(parser.parse_args([]), 2).train()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, 3, size, size))
+        except RuntimeError as e:
+            raise BenchmarkError(f"--image-size {size} is too small for {folder}'s network "
+                                 f"({' '.join(str(e).split())[:120]})") from e  # fmt: skip
+
+
 def image_size(folder: str, args: argparse.Namespace) -> int:
     if folder == "lenet":
         return CLASSIC["lenet"][3]  # LeNet's layers take 32 x 32 only
@@ -352,6 +370,7 @@ def main(args: argparse.Namespace) -> None:
     data = args.data.expanduser().resolve()
     photos = list_photos(data)
     folds = make_folds(photos, args.folds)
+    check_image_sizes(args)
     config = {"data": str(data), "photos": sum(map(len, photos.values())), "folds": args.folds,
               "seeds": args.seeds, "epochs": args.epochs, "val_ratio": args.val_ratio}  # fmt: skip
     out_json = args.out.with_suffix(".json")

@@ -108,3 +108,13 @@ def test_each_folder_trains_its_own_model_py_after_another_was_loaded():
         train_py = accuracy.load_train_py(folder)
         args = train_py.get_args_parser().parse_args([])
         assert type(train_py.build_model(args, 5)).__name__.lower() == folder
+
+
+def test_an_image_size_a_network_cannot_take_is_refused_before_any_run(tmp_path):
+    photo_folder(tmp_path / "photos", {"a": 2, "b": 2})
+    result = run_script(REPO / "benchmarks" / "accuracy.py", "--data", tmp_path / "photos",
+                        "--folders", "googlenet", "--folds", "2", "--image-size", "64",
+                        "--out", tmp_path / "result")  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--image-size 64 is too small for googlenet" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "result.json").exists()
