@@ -113,6 +113,8 @@ def write_split(split: Path, parts: dict[str, dict[str, list[Path]]]) -> None:
 
 def run_ours(folder: str, split: Path, out: Path, seed: int, args: argparse.Namespace) -> dict:
     """The folder's train.py, then its predict.py --eval on the test fold, as subprocesses."""
+    import torch
+
     train = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
              "--epochs", str(args.epochs), "--seed", str(seed),
              "--output-dir", str(out)]  # fmt: skip
@@ -127,9 +129,11 @@ def run_ours(folder: str, split: Path, out: Path, seed: int, args: argparse.Name
         rows = [line.rstrip("\n").split(",") for line in f]
     column = rows[0].index("val_acc")
     val = [float(row[column]) for row in rows[1:]]
-    best_epoch = val.index(max(val)) + 1  # train.py keeps the earliest of tied epochs
+    best_epoch = val.index(max(val)) + 1  # the earliest of tied epochs
+    # best.pth holds the last epoch (train.py's default) or the best on val (--keep best-val).
+    kept_epoch = torch.load(out / "best.pth", mmap=True, weights_only=True)["epoch"]
     scores = {}
-    for kept in ("best", "last") if best_epoch < len(val) else ("best",):
+    for kept in ("best", "last") if kept_epoch < len(val) else ("best",):
         predict = [sys.executable, str(ROOT / folder / "predict.py"), str(split / "test"),
                    "--eval", "--json", "--weights", str(out / f"{kept}.pth"),
                    "--save", str(out / kept)]  # fmt: skip
@@ -138,7 +142,8 @@ def run_ours(folder: str, split: Path, out: Path, seed: int, args: argparse.Name
             raise BenchmarkError(f"{shlex.join(predict)} failed: {finished.stderr.strip()[-500:]}")
         scores[kept] = json.loads(finished.stdout)["accuracy"]
     return {"test_acc": scores["best"], "test_acc_last": scores.get("last", scores["best"]),
-            "best_val_acc": max(val), "best_epoch": best_epoch}  # fmt: skip
+            "best_val_acc": max(val), "best_epoch": best_epoch,
+            "kept_epoch": kept_epoch}  # fmt: skip
 
 
 def run_classic(folder: str, split: Path, seed: int, args: argparse.Namespace) -> dict:

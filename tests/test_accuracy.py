@@ -91,6 +91,7 @@ def test_a_small_run_scores_both_recipes_on_held_out_photos_and_continues(tmp_pa
         ("classic", 0), ("classic", 1), ("ours", 0), ("ours", 1)]  # fmt: skip
     for r in runs:  # 2 of each class per fold; accuracies are whole photos out of 4
         assert r["n_test"] == 4 and r["test_acc"] * 4 == pytest.approx(round(r["test_acc"] * 4))
+    assert [r["kept_epoch"] for r in runs if r["recipe"] == "ours"] == [1, 1]
     assert "| lenet | lenet, 32 px | ours |" in out.with_suffix(".md").read_text()
     # The same command continues: nothing left to run.
     again = run_script(REPO / "benchmarks" / "accuracy.py", *argv, "--recipes", "ours")

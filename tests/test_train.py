@@ -198,7 +198,7 @@ def test_the_five_scripts_share_the_same_core_flags_and_state_defaults():
     core = {"--data-path", "--epochs", "--batch-size", "--lr", "--weight-decay", "--workers",
             "--device", "--amp", "--image-size", "--seed", "--output-dir", "--resume",
             "--test-only", "--dry-run", "--compile", "--cache", "--sync-bn",
-            "--accum-steps"}  # fmt: skip
+            "--accum-steps", "--label-smoothing", "--augment", "--keep"}  # fmt: skip
     family_flags = {"lenet": {"--dataset"}, "alexnet": set(), "googlenet": set(),
                     "vgg": {"--arch", "--weights", "--freeze-backbone"},
                     "resnet": {"--arch", "--weights", "--freeze-backbone"}}  # fmt: skip
