@@ -262,7 +262,7 @@ def test_preprocessing_is_train_py_validation_path():
     predict_py = load_script("resnet", "predict")
     img = Image.open(io.BytesIO(jpeg_bytes(5, size=(333, 250)))).convert("RGB")
     for size in (32, 96, 224):
-        expected = train_py.build_transforms(size)[1](img)
+        expected = train_py.build_transforms(size, "crop-flip", 0.08)[1](img)
         got = predict_py.val_transform(size, train_py.MEAN, train_py.STD)(img)
         assert torch.equal(expected, got)
 

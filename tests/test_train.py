@@ -197,8 +197,8 @@ def help_flags(family: str) -> dict[str, str]:
 def test_the_five_scripts_share_the_same_core_flags_and_state_defaults():
     core = {"--data-path", "--epochs", "--batch-size", "--lr", "--weight-decay", "--workers",
             "--device", "--amp", "--image-size", "--seed", "--output-dir", "--resume",
-            "--test-only", "--dry-run", "--compile", "--cache", "--sync-bn",
-            "--accum-steps", "--label-smoothing", "--augment", "--keep"}  # fmt: skip
+            "--test-only", "--dry-run", "--compile", "--cache", "--sync-bn", "--accum-steps",
+            "--label-smoothing", "--augment", "--crop-scale", "--keep"}  # fmt: skip
     family_flags = {"lenet": {"--dataset"}, "alexnet": set(), "googlenet": set(),
                     "vgg": {"--arch", "--weights", "--freeze-backbone"},
                     "resnet": {"--arch", "--weights", "--freeze-backbone"}}  # fmt: skip
@@ -289,36 +289,46 @@ def test_best_pth_keeps_the_last_epoch_or_the_best_on_val(tiny, tmp_path):
 
 def test_label_smoothing_and_augmentation_reach_training_and_stay_on_resume(tiny, tmp_path):
     flags = ["--device", "cpu", "--amp", "off", "--workers", "0", "-b", "6"]
-    runs = {"plain": [], "smoothed": ["--label-smoothing", "0.5", "--augment", "trivialaugment"]}
+    runs = {"plain": [], "smoothed": ["--label-smoothing", "0.5"],
+            "all": ["--label-smoothing", "0.5", "--augment", "trivialaugment",
+                    "--crop-scale", "0.5"]}  # fmt: skip
     for name, extra in runs.items():
         result = train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir",
                        tmp_path / name, *flags, *extra)  # fmt: skip
         assert result.returncode == 0, result.stderr[-2000:]
     resumed = train("lenet", "--data-path", tiny, "--epochs", "2", "--output-dir",
-                    tmp_path / "smoothed", "--resume", *flags)  # fmt: skip
+                    tmp_path / "all", "--resume", *flags)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    smoothed = torch.load(tmp_path / "smoothed" / "last.pth", weights_only=True)
-    assert smoothed["epoch"] == 2
-    assert (smoothed["args"]["label_smoothing"], smoothed["args"]["augment"]) == (
-        0.5, "trivialaugment")  # fmt: skip
-    plain = torch.load(tmp_path / "plain" / "last.pth", weights_only=True)
-    first = float(plain["history"][0]["train_loss"])
-    assert first != float(smoothed["history"][0]["train_loss"])  # same seed, other recipe
+    resumed = torch.load(tmp_path / "all" / "last.pth", weights_only=True)
+    assert resumed["epoch"] == 2
+    recipe = resumed["args"]
+    assert (recipe["label_smoothing"], recipe["augment"], recipe["crop_scale"]) == (
+        0.5, "trivialaugment", 0.5)  # fmt: skip
+    # Same seed, same images and crops: only the loss differs, so smoothing reached it.
+    plain, smoothed = (torch.load(tmp_path / name / "last.pth", weights_only=True)
+                       for name in ("plain", "smoothed"))  # fmt: skip
+    assert plain["history"][0]["train_loss"] != smoothed["history"][0]["train_loss"]
     build_transforms = load_script("lenet", "train").build_transforms
-    names = {augment: [type(t).__name__ for t in build_transforms(32, augment)[0].transforms]
-             for augment in ("crop-flip", "trivialaugment")}  # fmt: skip
+    pipelines = {augment: build_transforms(32, augment, 0.5)[0].transforms
+                 for augment in ("crop-flip", "trivialaugment")}  # fmt: skip
+    names = {augment: [type(t).__name__ for t in steps] for augment, steps in pipelines.items()}
     assert (
         "TrivialAugmentWide" in names["trivialaugment"]
         and "RandomErasing" in names["trivialaugment"]
     )
     assert not {"TrivialAugmentWide", "RandomErasing"} & set(names["crop-flip"])
+    assert [steps[0].scale for steps in pipelines.values()] == [(0.5, 1.0)] * 2
 
 
-@pytest.mark.parametrize("value", ["1", "-0.1", "nan"])
-def test_label_smoothing_out_of_range_is_one_line(tiny, tmp_path, value):
-    result = train("lenet", "--data-path", tiny, "--label-smoothing", value,
-                   "--output-dir", tmp_path / "o")  # fmt: skip
-    assert_one_line_error(result, "--label-smoothing must be from 0 to below 1")
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [*(("--label-smoothing", v, "must be from 0 to below 1") for v in ("1", "-0.1", "nan")),
+     *(("--crop-scale", v, "must be above 0 and at most 1") for v in ("0", "1.5", "nan"))],
+)  # fmt: skip
+def test_label_smoothing_and_crop_scale_out_of_range_are_one_line(tiny, tmp_path, flag, value,
+                                                                  message):  # fmt: skip
+    result = train("lenet", "--data-path", tiny, flag, value, "--output-dir", tmp_path / "o")
+    assert_one_line_error(result, f"{flag} {message}")
 
 
 def test_resume_from_another_model_or_dataset_is_refused(tiny, tmp_path):

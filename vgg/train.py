@@ -49,7 +49,7 @@ FOLDER = Path(__file__).resolve().parent
 ROOT = FOLDER.parent
 FAMILY = "vgg"
 DEFAULTS = {"arch": "vgg16", "epochs": 30, "batch_size": 32, "lr": 1e-4, "weight_decay": 0.05,
-            "label_smoothing": 0.0, "augment": "crop-flip",
+            "label_smoothing": 0.0, "augment": "crop-flip", "crop_scale": 0.08,
             "image_size": 224}  # fmt: skip
 # ImageNet's mean and std: what torchvision's pretrained weights expect, and fine from scratch.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -234,8 +234,11 @@ def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     return None, f"off: no fast half precision on {device.type} here"
 
 
-def build_transforms(image_size: int, augment: str = "crop-flip") -> tuple[T.Compose, T.Compose]:
+def build_transforms(image_size: int, augment: str, crop_scale: float
+                     ) -> tuple[T.Compose, T.Compose]:  # fmt: skip
     """Training augmentation and the validation preprocessing (predict.py repeats the latter).
+
+    A training crop covers from crop_scale of the photo's area to all of it.
 
     Both take a PIL image or a uint8 tensor. The first two steps of the validation pipeline
     are its deterministic resize and crop, which --cache applies once (see load_datasets).
@@ -243,7 +246,7 @@ def build_transforms(image_size: int, augment: str = "crop-flip") -> tuple[T.Com
     strong = augment == "trivialaugment"
     train = T.Compose(
         [
-            T.RandomResizedCrop(image_size, antialias=True),
+            T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
             T.RandomHorizontalFlip(),
             *([T.TrivialAugmentWide()] if strong else []),
             T.ToImage(),
@@ -389,7 +392,7 @@ def shrink_to(shorter: int):
 
 def load_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, list[str]]:
     """The ImageFolder train/ and val/ of --data-path, which must have the same classes."""
-    train_tf, val_tf = build_transforms(args.image_size, args.augment)
+    train_tf, val_tf = build_transforms(args.image_size, args.augment, args.crop_scale)
     # JPEGs are decoded at no less than twice the size the transforms need: training crops
     # from twice the crop size, validation from twice its resize.
     loaders = {"train": partial(load_image, draft=2 * args.image_size),
@@ -903,128 +906,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    add_data_args(parser)
+    add_recipe_args(parser)
+    add_run_args(parser)
+    add_model_args(parser)
+    return parser
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "data", "The photos: where they are, at what size, and how they are read."
+    )
+    group.add_argument(
         "--data-path",
         type=Path,
         default=ROOT / "data" / "flower_data",
         help="folder with train/ and val/ (default: data/flower_data of this repository)",
     )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=DEFAULTS["epochs"],
-        help=f"number of epochs (default: {DEFAULTS['epochs']})",
-    )
-    parser.add_argument(
-        "-b",
-        "--batch-size",
-        type=int,
-        default=DEFAULTS["batch_size"],
-        help=f"images per batch (default: {DEFAULTS['batch_size']})",
-    )
-    parser.add_argument(
-        "--accum-steps",
-        type=int,
-        default=1,
-        help="batches whose gradients add up before each optimizer step: the same training "
-        "as a batch N times larger, in the memory of one (default: 1)",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=DEFAULTS["lr"],
-        help=f"peak learning rate of AdamW (default: {DEFAULTS['lr']:g}); one "
-        "epoch of linear warm-up, then cosine decay",
-    )
-    parser.add_argument(
-        "--wd",
-        "--weight-decay",
-        dest="weight_decay",
-        type=float,
-        default=DEFAULTS["weight_decay"],
-        help=f"AdamW weight decay, not on biases and norms (default: {DEFAULTS['weight_decay']:g})",
-    )
-    parser.add_argument(
-        "--label-smoothing",
-        type=float,
-        default=DEFAULTS["label_smoothing"],
-        help="share of each target spread over the other classes "
-        f"(default: {DEFAULTS['label_smoothing']:g})",
-    )
-    parser.add_argument(
-        "--augment",
-        default=DEFAULTS["augment"],
-        choices=["crop-flip", "trivialaugment"],
-        help="training augmentation: crop-flip is a random resized crop and a horizontal flip; "
-        "trivialaugment adds torchvision's TrivialAugmentWide and random erasing "
-        f"(default: {DEFAULTS['augment']})",
-    )
-    parser.add_argument(
-        "--keep",
-        default="last",
-        choices=["last", "best-val"],
-        help="the weights best.pth holds for predict.py: the last epoch's, or those of the "
-        "epoch with the highest val accuracy (the earliest of ties); on a small val set the "
-        "highest is mostly chance (default: last)",
-    )
-    parser.add_argument(
-        "-j",
-        "--workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="data loading processes (default: the CPU count, at most 8; "
-        f"{min(8, os.cpu_count() or 1)} here)",
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, then MPS, then CPU)",
-    )
-    parser.add_argument(
-        "--amp",
-        default="auto",
-        choices=["auto", "off", "bf16", "fp16"],
-        help="mixed precision (default: auto: bf16 on GPUs that have it, else "
-        "fp16; bf16 on CPUs with AVX-512 BF16 or AMX; off elsewhere)",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--image-size",
         type=int,
         default=DEFAULTS["image_size"],
         help=f"training crop size in pixels (default: {DEFAULTS['image_size']})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=None,
-        help=f"where checkpoints, metrics and plots go (default: {FAMILY}/runs/<arch>/)",
-    )
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        default=None,
-        metavar="PATH",
-        help="continue from a checkpoint (default without PATH: last.pth in --output-dir)",
-    )
-    parser.add_argument(
-        "--test-only",
-        action="store_true",
-        help="only evaluate a checkpoint on val: --resume PATH, or by "
-        "default best.pth in --output-dir (default: off)",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="one training and one validation batch per epoch, a smoke test (default: off)",
-    )
-    parser.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="under torchrun on GPUs: batch norm statistics over all processes (default: off)",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--cache",
         nargs="?",
         const="on",
@@ -1034,13 +939,140 @@ def get_args_parser() -> argparse.ArgumentParser:
         "decoding is the bottleneck (small images, GPUs), at the cost of RAM; --cache alone is "
         "on (default: auto: on when the decoded images take under a quarter of the free RAM)",
     )
-    parser.add_argument(
+    group.add_argument(
+        "-j",
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loading processes (default: the CPU count, at most 8; "
+        f"{min(8, os.cpu_count() or 1)} here)",
+    )
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "training recipe", "How the network learns: what a run trains, and which weights it keeps."
+    )
+    group.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS["epochs"],
+        help=f"number of epochs (default: {DEFAULTS['epochs']})",
+    )
+    group.add_argument(
+        "-b",
+        "--batch-size",
+        type=int,
+        default=DEFAULTS["batch_size"],
+        help=f"images per batch (default: {DEFAULTS['batch_size']})",
+    )
+    group.add_argument(
+        "--accum-steps",
+        type=int,
+        default=1,
+        help="batches whose gradients add up before each optimizer step: the same training "
+        "as a batch N times larger, in the memory of one (default: 1)",
+    )
+    group.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULTS["lr"],
+        help=f"peak learning rate of AdamW (default: {DEFAULTS['lr']:g}); one "
+        "epoch of linear warm-up, then cosine decay",
+    )
+    group.add_argument(
+        "--wd",
+        "--weight-decay",
+        dest="weight_decay",
+        type=float,
+        default=DEFAULTS["weight_decay"],
+        help=f"AdamW weight decay, not on biases and norms (default: {DEFAULTS['weight_decay']:g})",
+    )
+    group.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=DEFAULTS["label_smoothing"],
+        help="share of each target spread over the other classes "
+        f"(default: {DEFAULTS['label_smoothing']:g})",
+    )
+    group.add_argument(
+        "--augment",
+        default=DEFAULTS["augment"],
+        choices=["crop-flip", "trivialaugment"],
+        help="training augmentation: crop-flip is a random resized crop and a horizontal flip; "
+        "trivialaugment adds torchvision's TrivialAugmentWide and random erasing "
+        f"(default: {DEFAULTS['augment']})",
+    )
+    group.add_argument(
+        "--crop-scale",
+        type=float,
+        default=DEFAULTS["crop_scale"],
+        metavar="MIN",
+        help="each training crop covers from MIN of the photo's area to all of it: smaller "
+        f"is stronger augmentation (default: {DEFAULTS['crop_scale']:g})",
+    )
+    group.add_argument(
+        "--keep",
+        default="last",
+        choices=["last", "best-val"],
+        help="the weights best.pth holds for predict.py: the last epoch's, or those of the "
+        "epoch with the highest val accuracy (the earliest of ties); on a small val set the "
+        "highest is mostly chance (default: last)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "running", "Where and how a run executes, and what it continues from."
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, then MPS, then CPU)",
+    )
+    group.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "off", "bf16", "fp16"],
+        help="mixed precision (default: auto: bf16 on GPUs that have it, else "
+        "fp16; bf16 on CPUs with AVX-512 BF16 or AMX; off elsewhere)",
+    )
+    group.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help=f"where checkpoints, metrics and plots go (default: {FAMILY}/runs/<arch>/)",
+    )
+    group.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint (default without PATH: last.pth in --output-dir)",
+    )
+    group.add_argument(
+        "--test-only",
+        action="store_true",
+        help="only evaluate a checkpoint on val: --resume PATH, or by "
+        "default best.pth in --output-dir (default: off)",
+    )
+    group.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="one training and one validation batch per epoch, a smoke test (default: off)",
+    )
+    group.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun on GPUs: batch norm statistics over all processes (default: off)",
+    )
+    group.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model (default: off; pays off on long GPU runs)",
     )
-    add_model_args(parser)
-    return parser
 
 
 def main(args: argparse.Namespace) -> None:
@@ -1245,6 +1277,8 @@ def check_args(args: argparse.Namespace) -> None:
     if not 0 <= args.label_smoothing < 1:  # also refuses nan
         raise TrainingError(f"--label-smoothing must be from 0 to below 1, got "
                             f"{args.label_smoothing}")  # fmt: skip
+    if not 0 < args.crop_scale <= 1:
+        raise TrainingError(f"--crop-scale must be above 0 and at most 1, got {args.crop_scale}")
 
 
 def prepare_output_dir(output_dir: Path) -> None:
@@ -1285,7 +1319,7 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
         )
     defaults = get_args_parser()
     for name in ("batch_size", "accum_steps", "lr", "weight_decay", "label_smoothing", "augment",
-                 "keep", "image_size", "seed"):  # fmt: skip
+                 "crop_scale", "keep", "image_size", "seed"):  # fmt: skip
         given = getattr(args, name)
         saved = checkpoint.get("args", {}).get(name, given)
         if given != saved:
