@@ -19,13 +19,13 @@ searched (doubling, then bisection). Writes benchmarks/memory.json.
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from throughput import load_train_py
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,20 +44,6 @@ NETWORKS = {
     "resnet101": ("resnet", "resnet101", 32, 224),
     "resnext50_32x4d": ("resnet", "resnext50_32x4d", 32, 224),
 }
-
-
-def load_train_py(folder: str):
-    """Import a folder's train.py with that folder's model.py as `model`."""
-    sys.path.insert(0, str(ROOT / folder))
-    sys.modules.pop("model", None)
-    try:
-        spec = importlib.util.spec_from_file_location(f"{folder}_train", ROOT / folder / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.pop(0)
-        sys.modules.pop("model", None)
 
 
 def storage_key(t: torch.Tensor) -> tuple:

@@ -1,9 +1,13 @@
 """benchmarks/memory.py: its count of what a training step holds is right."""
 
+import sys
+
 import torch
 from torch import nn
 
 from conftest import REPO, load_module
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # memory.py imports throughput.py beside it
 
 
 def test_saved_tensors_are_counted_once_per_storage_and_apart_from_the_weights():
