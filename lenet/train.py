@@ -1142,13 +1142,8 @@ def main(args: argparse.Namespace) -> None:
                 print(f"note: training waited for data {train['data_wait']:.0%} of the time; "
                       f"{cache}more --workers (now {args.workers}) can feed it faster")  # fmt: skip
 
-            state = {
-                "family": FAMILY, "arch": args.arch, "model": model.state_dict(),
-                "classes": classes, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "epoch": epoch, "val_acc": val["acc"], "best_acc": best_acc,
-                "best_epoch": best_epoch,
-                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            }  # fmt: skip
+            state = checkpoint_state(model, classes, epoch, val["acc"], best_acc, best_epoch,
+                                     args)  # fmt: skip
             training = {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "history": history,
@@ -1157,27 +1152,48 @@ def main(args: argparse.Namespace) -> None:
             save_epoch(state, training, kept, saved_epoch, output_dir)
             saved_epoch = epoch
     except KeyboardInterrupt:
-        if is_main and saved_epoch == 0:
-            print(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again",
-                  file=sys.stderr)  # fmt: skip
-        elif is_main:
-            last = output_dir / "last.pth"
-            print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue "
-                  f"with:\n  {resume_command(last)}")  # fmt: skip
+        if is_main:
+            report_interrupt(epoch, saved_epoch, output_dir)
         sys.exit(130)
     if kept_val is None:  # resumed, and no epoch since replaced the checkpoint's best.pth
         best = load_checkpoint(output_dir / "best.pth")
         model.load_state_dict(best["model"])
         kept_val = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
         kept_val["epoch"] = best["epoch"]
-    if not is_main:
+    if is_main:
+        report_confusion(kept_val, classes, output_dir / "confusion_matrix.png")
+        report_end(kept_val, best_acc, best_epoch, time.perf_counter() - started, output_dir,
+                   args)  # fmt: skip
+
+
+def checkpoint_state(model: nn.Module, classes: list[str], epoch: int, val_acc: float,
+                     best_acc: float, best_epoch: int, args: argparse.Namespace
+                     ) -> dict:  # fmt: skip
+    """What best.pth holds, and last.pth with the training state added: plain data only."""
+    return {
+        "family": FAMILY, "arch": args.arch, "model": model.state_dict(), "classes": classes,
+        "image_size": args.image_size, "mean": MEAN, "std": STD, "epoch": epoch,
+        "val_acc": val_acc, "best_acc": best_acc, "best_epoch": best_epoch,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }  # fmt: skip
+
+
+def report_interrupt(epoch: int, saved_epoch: int, output_dir: Path) -> None:
+    if saved_epoch == 0:
+        print(f"\ninterrupted in epoch {epoch}, before any epoch was saved; run again",
+              file=sys.stderr)  # fmt: skip
         return
-    report_confusion(kept_val, classes, output_dir / "confusion_matrix.png")
-    total = time.perf_counter() - started
+    last = output_dir / "last.pth"
+    print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved_epoch}. Continue "
+          f"with:\n  {resume_command(last)}")  # fmt: skip
+
+
+def report_end(kept_val: dict, best_acc: float, best_epoch: int, seconds: float,
+               output_dir: Path, args: argparse.Namespace) -> None:  # fmt: skip
     kept = (f"best.pth keeps epoch {kept_val['epoch']}" if args.keep == "best-val" else
             f"best.pth keeps the last epoch (val_acc {kept_val['acc']:.4f})")  # fmt: skip
     print(f"best val_acc {best_acc:.4f} at epoch {best_epoch}/{args.epochs}; {kept}; "
-          f"{total / 60:.1f} min; outputs in {output_dir}")  # fmt: skip
+          f"{seconds / 60:.1f} min; outputs in {output_dir}")  # fmt: skip
 
 
 def evaluate_checkpoint(model, criterion, loader, device, amp_dtype, args, classes,
