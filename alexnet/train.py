@@ -706,12 +706,15 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 def write_metrics(history: list[dict], output_dir: Path) -> None:
-    """metrics.csv and curves.png, rewritten whole after every epoch."""
+    """metrics.csv, rewritten whole after every epoch."""
     columns = list(history[-1])  # a run resumed from an older checkpoint has fewer in early rows
     lines = [",".join(columns)]
     lines += [",".join(f"{row.get(c, math.nan):.6g}" for c in columns) for row in history]
     write_atomically(output_dir / "metrics.csv", "\n".join(lines) + "\n")
 
+
+def draw_curves(history: list[dict], output_dir: Path) -> None:
+    """curves.png: loss and accuracy of train and val per epoch."""
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -1070,7 +1073,7 @@ def main(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     started = time.perf_counter()
-    epoch, saved_epoch = start_epoch, start_epoch - 1
+    epoch, writer = start_epoch, EpochWriter(output_dir, args.keep, args.epochs, start_epoch - 1)
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             sampler.set_epoch(epoch)
@@ -1092,11 +1095,11 @@ def main(args: argparse.Namespace) -> None:
             })  # fmt: skip
             if device.type == "cuda":  # what this process's GPU needed at most, in GiB
                 history[-1]["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            kept = args.keep == "last" or val["acc"] > best_acc  # what best.pth holds
-            if val["acc"] > best_acc:
+            improved = val["acc"] > best_acc
+            if improved:
                 best_acc, best_epoch = val["acc"], epoch
-            if kept:  # every process keeps its result: no shared folder is needed
-                kept_val = {**val, "epoch": epoch}
+            if args.keep == "last" or improved:  # what best.pth holds; every process keeps
+                kept_val = {**val, "epoch": epoch}  # its result: no shared folder is needed
             if not is_main:
                 continue
             print(epoch_line(history[-1], args.epochs))
@@ -1112,11 +1115,10 @@ def main(args: argparse.Namespace) -> None:
                 "scaler": scaler.state_dict(), "history": history,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             }  # fmt: skip
-            save_epoch(state, training, kept, saved_epoch, output_dir)
-            saved_epoch = epoch
+            writer.write(state, training, improved)
     except KeyboardInterrupt:
         if is_main:
-            report_interrupt(epoch, saved_epoch, output_dir)
+            report_interrupt(epoch, writer.saved_epoch, output_dir)
         sys.exit(130)
     if kept_val is None:  # resumed, and no epoch since replaced the checkpoint's best.pth
         best = load_checkpoint(output_dir / "best.pth")
@@ -1197,24 +1199,42 @@ def restore(resumed: dict, model, optimizer, scheduler, scaler) -> tuple[list, i
     return resumed["history"], resumed["epoch"] + 1, resumed["best_acc"], resumed["best_epoch"]
 
 
-def save_epoch(state: dict, training: dict, kept: bool, saved_epoch: int,
-               output_dir: Path) -> None:  # fmt: skip
-    """The metrics, best.pth (if this epoch is kept) and last.pth (with training to resume),
-    in that order: last.pth, written last, is the epoch that a resumed run continues from.
+class EpochWriter:
+    """Writes an epoch's outputs: metrics.csv every epoch; curves.png and last.pth (with
+    --keep last, best.pth too) after the first and the last epoch of a run, and between them
+    as soon as the time since their previous write is nine times what that write took.
 
-    Each file is written whole or not at all; a failure says what the folder still holds.
+    Writing then takes at most a tenth of a run: every epoch, unless epochs are short next to
+    writing (a large network on a few photos: VGG16's last.pth alone is 1.5 GiB). With --keep
+    best-val, best.pth is written whenever val accuracy improves. last.pth is written last: it
+    is the epoch a resumed run continues from, and each file is written whole or not at all.
     """
-    try:
-        write_metrics(training["history"], output_dir)
-        if kept:
-            save_checkpoint(state, output_dir / "best.pth")
-        save_checkpoint({**state, **training}, output_dir / "last.pth")
-    except TrainingError as e:
-        kept = "nothing was saved yet"
-        if saved_epoch:
-            kept = (f"{output_dir / 'last.pth'} holds epoch {saved_epoch}; fix that, then "
-                    f"continue with --resume")  # fmt: skip
-        raise TrainingError(f"{e}; {kept}") from e
+
+    def __init__(self, output_dir: Path, keep: str, epochs: int, saved_epoch: int) -> None:
+        self.output_dir, self.keep, self.epochs = output_dir, keep, epochs
+        self.saved_epoch = saved_epoch  # the epoch last.pth holds; 0: none yet
+        self.written_at, self.seconds = time.perf_counter(), 0.0  # the last write: end, length
+
+    def write(self, state: dict, training: dict, improved: bool) -> None:
+        started = time.perf_counter()
+        due = state["epoch"] == self.epochs or started - self.written_at >= 9 * self.seconds
+        try:
+            write_metrics(training["history"], self.output_dir)
+            if due:
+                draw_curves(training["history"], self.output_dir)
+            if due if self.keep == "last" else improved:
+                save_checkpoint(state, self.output_dir / "best.pth")
+            if due:
+                save_checkpoint({**state, **training}, self.output_dir / "last.pth")
+        except TrainingError as e:
+            kept = "nothing was saved yet"
+            if self.saved_epoch:
+                kept = (f"{self.output_dir / 'last.pth'} holds epoch {self.saved_epoch}; fix "
+                        f"that, then continue with --resume")  # fmt: skip
+            raise TrainingError(f"{e}; {kept}") from e
+        if due:
+            self.saved_epoch, self.written_at = state["epoch"], time.perf_counter()
+            self.seconds = self.written_at - started
 
 
 def check_args(args: argparse.Namespace) -> None:

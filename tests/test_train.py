@@ -176,6 +176,52 @@ def test_sigterm_keeps_the_last_epoch_and_prints_the_resume_command(tiny, tmp_pa
     assert "--resume" in stdout.splitlines()[-1]
 
 
+@pytest.mark.parametrize("keep", ["last", "best-val"])
+def test_slow_checkpoint_writes_wait_while_epochs_are_short(tiny, tmp_path, monkeypatch,
+                                                            capsys, keep):  # fmt: skip
+    # A write that takes 1 s after epochs of a fraction of a second (a big network on a few
+    # photos): last.pth waits 9 s after it, so of 6 short epochs only the first and the last
+    # are written; an interrupt in between names the epoch last.pth really holds.
+    train_py = load_script("lenet", "train")
+    written, save = [], train_py.save_checkpoint
+
+    def slow_save(state, path):
+        time.sleep(1.0)
+        written.append((path.name, state["epoch"]))
+        save(state, path)
+
+    monkeypatch.setattr(train_py, "save_checkpoint", slow_save)
+    monkeypatch.setattr(train_py.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
+    out = tmp_path / keep
+    flags = ["--data-path", str(tiny), "--workers", "0", "--output-dir", str(out), "--keep", keep]
+    train_py.main(train_py.get_args_parser().parse_args([*flags, "--epochs", "6"]))
+    history = torch.load(out / "last.pth", weights_only=True)["history"]
+    assert [e for name, e in written if name == "last.pth"] == [1, 6]
+    improved = [row["epoch"] for i, row in enumerate(history)
+                if row["val_acc"] > max([-1] + [r["val_acc"] for r in history[:i]])]  # fmt: skip
+    assert [e for name, e in written if name == "best.pth"] == ([1, 6] if keep == "last" else
+                                                                improved)  # fmt: skip
+    with open(out / "metrics.csv") as f:  # the metrics of every epoch all the same
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+    def interrupted_in_epoch_4(model, *args):
+        if args[-2] == 4:  # train_one_epoch(model, ..., epoch, args)
+            raise KeyboardInterrupt
+        return one_epoch(model, *args)
+
+    one_epoch = train_py.train_one_epoch
+    monkeypatch.setattr(train_py, "train_one_epoch", interrupted_in_epoch_4)
+    again = tmp_path / f"{keep}-interrupted"
+    flags[flags.index(str(out))] = str(again)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train_py.main(train_py.get_args_parser().parse_args([*flags, "--epochs", "6"]))
+    assert stop.value.code == 130
+    assert torch.load(again / "last.pth", weights_only=True)["epoch"] == 1
+    last = again.resolve() / "last.pth"
+    assert f"interrupted in epoch 4; {last} holds epoch 1." in capsys.readouterr().out
+
+
 # --- one contract in five files --------------------------------------------------------------
 
 
