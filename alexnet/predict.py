@@ -572,26 +572,27 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"checkpoint written by train.py (default: {FAMILY}/runs/<arch>/best.pth)",
     )
-    parser.add_argument(
+    add_model_args(parser)
+    add_output_args(parser)
+    add_mode_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output", "What is printed, and where the figure goes.")
+    group.add_argument(
         "--topk",
         type=int,
         default=5,
         help="how many classes to list per image (default: 5, at most the number of classes)",
     )
-    parser.add_argument(
-        "-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
-    )
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, then MPS, then CPU)",
-    )
-    parser.add_argument(
+    group.add_argument(
         "--json",
         action="store_true",
         help="print the results as JSON on stdout, nothing else (default: off)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--save",
         type=Path,
         default=None,
@@ -599,12 +600,18 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where to save the figure (default: prediction_<first image>.png "
         "in the checkpoint's folder)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--no-show",
         action="store_true",
         help="never open a window (default: open one where a display exists)",
     )
-    parser.add_argument(
+
+
+def add_mode_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "scoring and explaining", "Instead of plain predictions: a scored folder, or Grad-CAM."
+    )
+    group.add_argument(
         "--eval",
         action="store_true",
         help="score a labelled folder (one sub-folder per class of the checkpoint): accuracy, "
@@ -612,20 +619,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         "misclassified.png in eval_<folder>/ beside the checkpoint, or in --save DIR "
         "(default: off)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--cam",
         action="store_true",
         help=f"draw where the network looks: Grad-CAM of the predicted class at layer "
         f"{CAM_LAYER}, over each photo of the figure (default: off)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--cam-class",
         default=None,
         metavar="NAME",
         help="with --cam: the class to explain instead of the predicted one (default: none)",
     )
-    add_model_args(parser)
-    return parser
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("running", "Where the network runs, and how many at once.")
+    group.add_argument(
+        "-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)"
+    )
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N or mps (default: auto: CUDA, then MPS, then CPU)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
