@@ -1225,11 +1225,12 @@ class EpochWriter:
     def write(self, state: dict, training: dict, improved: bool) -> None:
         started = time.perf_counter()
         due = state["epoch"] == self.epochs or started - self.written_at >= 9 * self.seconds
+        best = due if self.keep == "last" else improved
         try:
             write_metrics(training["history"], self.output_dir)
             if due:
                 draw_curves(training["history"], self.output_dir)
-            if due if self.keep == "last" else improved:
+            if best:
                 save_checkpoint(state, self.output_dir / "best.pth")
             if due:
                 save_checkpoint({**state, **training}, self.output_dir / "last.pth")
