@@ -1147,11 +1147,7 @@ def main(args: argparse.Namespace) -> None:
 
             state = checkpoint_state(model, classes, epoch, val["acc"], best_acc, best_epoch,
                                      args)  # fmt: skip
-            training = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "history": history,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            }  # fmt: skip
+            training = training_state(optimizer, scheduler, scaler, history)
             writer.write(state, training, improved)
     except KeyboardInterrupt:
         if is_main:
@@ -1177,6 +1173,15 @@ def checkpoint_state(model: nn.Module, classes: list[str], epoch: int, val_acc: 
         "image_size": args.image_size, "mean": MEAN, "std": STD, "epoch": epoch,
         "val_acc": val_acc, "best_acc": best_acc, "best_epoch": best_epoch,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }  # fmt: skip
+
+
+def training_state(optimizer, scheduler, scaler, history: list[dict]) -> dict:
+    """What last.pth adds to best.pth's contents: all that restore() puts back to continue."""
+    return {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "history": history,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }  # fmt: skip
 
 
