@@ -30,6 +30,7 @@ import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import NoReturn
 
 from PIL import Image
 from tqdm import tqdm
@@ -497,6 +498,16 @@ def main(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def exit_interrupted() -> NoReturn:
+    """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
+
+    Ctrl-C can land inside a constructor (a progress bar's, say): the half-built object then
+    fails its cleanup as Python exits, and that traceback would bury the message.
+    """
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(130)
+
+
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
@@ -507,4 +518,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("\nsplit_data.py: interrupted; run again to finish (a partial download resumes)",
               file=sys.stderr)  # fmt: skip
-        sys.exit(130)
+        exit_interrupted()

@@ -19,6 +19,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from matplotlib.figure import Figure
@@ -734,6 +735,16 @@ def print_predictions(results: list, classes: list[str], k: int, as_json: bool) 
             print(f"  {rank}. {name:<20} {p:.3f}")
 
 
+def exit_interrupted() -> NoReturn:
+    """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
+
+    Ctrl-C can land inside a constructor (a progress bar's, say): the half-built object then
+    fails its cleanup as Python exits, and that traceback would bury the message.
+    """
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(130)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main(get_args_parser().parse_args()))
@@ -741,7 +752,7 @@ if __name__ == "__main__":
         sys.exit(f"{FAMILY}/predict.py: error: {e}")
     except KeyboardInterrupt:
         print(f"\n{FAMILY}/predict.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
     except BrokenPipeError:  # the reader stopped early (`| head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

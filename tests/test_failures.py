@@ -321,6 +321,40 @@ def test_ctrl_c_before_the_first_saved_epoch_exits_130(flowers, tmp_path, wait):
     assert not (tmp_path / "o" / "last.pth").exists()
 
 
+# Installed through PYTHONPATH: every tqdm bar is cut off in its constructor as Ctrl-C can cut it
+# (tqdm sets `disable` early and `pos` later, and its cleanup reads both).
+CUT_OFF_BAR = """
+import tqdm.std
+
+def interrupted(self, *args, **kwargs):
+    self.disable = False
+    raise KeyboardInterrupt
+
+tqdm.std.tqdm.__init__ = interrupted
+"""
+
+
+def test_ctrl_c_inside_a_progress_bars_constructor_adds_no_traceback(tiny, tmp_path):
+    trained = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "run", *LENET)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(CUT_OFF_BAR)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONPATH": path}
+    runs = {
+        "lenet/train.py": run("lenet/train.py", "--data-path", tiny, *LENET, "--output-dir",
+                              tmp_path / "again", env=env),
+        "lenet/predict.py": run("lenet/predict.py", tiny / "val", "--weights",
+                                tmp_path / "run" / "best.pth", "--no-show", env=env),
+        "split_data.py": run("split_data.py", "--source", tiny / "train", "--out",
+                             tmp_path / "split", env=env),
+    }  # fmt: skip
+    for script, result in runs.items():
+        assert result.returncode == 130, f"{script}: {result.stderr[-2000:]}"
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{script}: interrupted"), f"{script}: {result.stderr[-2000:]}"
+
+
 # --- large photos ----------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -903,6 +904,16 @@ def raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def exit_interrupted() -> NoReturn:
+    """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
+
+    Ctrl-C can land inside a constructor (a progress bar's, say): the half-built object then
+    fails its cleanup as Python exits, and that traceback would bury the message.
+    """
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(130)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -1176,7 +1187,7 @@ def main(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         if is_main:
             report_interrupt(epoch, writer.saved_epoch, output_dir)
-        sys.exit(130)
+        exit_interrupted()
     if kept_val is None:  # resumed, and no epoch since replaced the checkpoint's best.pth
         best = load_checkpoint(output_dir / "best.pth")
         model.load_state_dict(best["model"])
@@ -1400,7 +1411,7 @@ if __name__ == "__main__":
         sys.exit(f"{rank}{FAMILY}/train.py: error: {message}")
     except KeyboardInterrupt:  # before the epoch loop, which reports its own interruption
         print(f"\n{FAMILY}/train.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_interrupted()
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"{rank}{FAMILY}/train.py: error: {out_of_memory_message(arguments)}")
     finally:
