@@ -754,6 +754,18 @@ def write_atomically(path: Path, text: str) -> None:
     write_file(path, lambda f: f.write(text.encode()))
 
 
+def history_row(epoch: int, train: dict, val: dict, lr: float, device: torch.device) -> dict:
+    """One epoch's row of metrics.csv and of the history that last.pth keeps."""
+    row = {
+        "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
+        "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr, "seconds": train["seconds"],
+        "img_s": train["img_s"], "data_wait": train["data_wait"],
+    }  # fmt: skip
+    if device.type == "cuda":  # what this process's GPU needed at most, in GiB
+        row["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return row
+
+
 def epoch_line(row: dict, epochs: int) -> str:
     """The one line printed per epoch; data_wait is the share of time spent waiting for data."""
     line = (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f}  "
@@ -763,6 +775,15 @@ def epoch_line(row: dict, epochs: int) -> str:
     if "gpu_mem_gib" in row:
         line += f"  gpu_mem {row['gpu_mem_gib']:.2f} GiB"
     return line
+
+
+def report_epoch(row: dict, first: bool, cached: bool, args: argparse.Namespace) -> None:
+    """The epoch's line; after the first epoch, a hint if training mostly waited for data."""
+    print(epoch_line(row, args.epochs))
+    if first and row["data_wait"] > 0.3:
+        cache = "" if cached else "--cache on or "
+        print(f"note: training waited for data {row['data_wait']:.0%} of the time; "
+              f"{cache}more --workers (now {args.workers}) can feed it faster")  # fmt: skip
 
 
 def write_metrics(history: list[dict], output_dir: Path) -> None:
@@ -1157,14 +1178,7 @@ def main(args: argparse.Namespace) -> None:
             share_buffers(model, args)
             val = evaluate(model, criterion, val_loader, device, amp_dtype, args)
             lr = optimizer.param_groups[0]["lr"]
-            history.append({
-                "epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"],
-                "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
-                "seconds": train["seconds"], "img_s": train["img_s"],
-                "data_wait": train["data_wait"],
-            })  # fmt: skip
-            if device.type == "cuda":  # what this process's GPU needed at most, in GiB
-                history[-1]["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            history.append(history_row(epoch, train, val, lr, device))
             improved = val["acc"] > best_acc
             if improved:
                 best_acc, best_epoch = val["acc"], epoch
@@ -1172,12 +1186,8 @@ def main(args: argparse.Namespace) -> None:
                 kept_val = {**val, "epoch": epoch}  # its result: no shared folder is needed
             if not is_main:
                 continue
-            print(epoch_line(history[-1], args.epochs))
-            if train["data_wait"] > 0.3 and epoch == start_epoch:
-                cache = "" if isinstance(train_set, CachedImages) else "--cache on or "
-                print(f"note: training waited for data {train['data_wait']:.0%} of the time; "
-                      f"{cache}more --workers (now {args.workers}) can feed it faster")  # fmt: skip
-
+            report_epoch(history[-1], epoch == start_epoch, isinstance(train_set, CachedImages),
+                         args)  # fmt: skip
             state = checkpoint_state(model, classes, epoch, val["acc"], best_acc, best_epoch,
                                      args)  # fmt: skip
             training = training_state(optimizer, scheduler, scaler, history)
