@@ -13,6 +13,7 @@ test/ folder that training never reads). It is built in a temporary folder besid
 swapped in at the end, so an interrupted run never leaves half a split behind.
 """
 
+import _thread
 import argparse
 import errno
 import hashlib
@@ -25,6 +26,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 import zipfile
@@ -498,6 +500,21 @@ def main(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def keep_ctrl_c(unraisable) -> None:
+    """sys.unraisablehook that keeps Ctrl-C from being lost when it lands in a finalizer.
+
+    Python ignores exceptions raised while an object is cleaned up (a progress bar's __del__,
+    say), KeyboardInterrupt included, and the run would go on: interrupt again a moment later,
+    outside the cleanup. Anything else is reported as Python would.
+    """
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.01, _thread.interrupt_main)
+        again.daemon = True  # never holds up the exit
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def exit_interrupted() -> NoReturn:
     """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
 
@@ -509,6 +526,7 @@ def exit_interrupted() -> NoReturn:
 
 
 if __name__ == "__main__":
+    sys.unraisablehook = keep_ctrl_c
     try:
         main(get_args_parser().parse_args())
     except SplitError as e:

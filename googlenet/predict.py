@@ -9,11 +9,13 @@ the checkpoint, and images go through train.py's validation preprocessing. Unrea
 are named on stderr and the rest are still predicted; the exit code is 1 if any failed.
 """
 
+import _thread
 import argparse
 import json
 import math
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import NoReturn
@@ -727,6 +729,21 @@ def print_predictions(results: list, classes: list[str], k: int, as_json: bool) 
             print(f"  {rank}. {name:<20} {p:.3f}")
 
 
+def keep_ctrl_c(unraisable) -> None:
+    """sys.unraisablehook that keeps Ctrl-C from being lost when it lands in a finalizer.
+
+    Python ignores exceptions raised while an object is cleaned up (a progress bar's __del__,
+    say), KeyboardInterrupt included, and the run would go on: interrupt again a moment later,
+    outside the cleanup. Anything else is reported as Python would.
+    """
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.01, _thread.interrupt_main)
+        again.daemon = True  # never holds up the exit
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def exit_interrupted() -> NoReturn:
     """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
 
@@ -738,6 +755,7 @@ def exit_interrupted() -> NoReturn:
 
 
 if __name__ == "__main__":
+    sys.unraisablehook = keep_ctrl_c
     try:
         sys.exit(main(get_args_parser().parse_args()))
     except PredictError as e:

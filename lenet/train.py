@@ -10,6 +10,7 @@ grey images are repeated to three channels). Defaults: 30 epochs, batch 64, Adam
 lenet/runs/lenet/: best.pth, last.pth, metrics.csv, curves.png and confusion_matrix.png.
 """
 
+import _thread
 import argparse
 import contextlib
 import errno
@@ -20,6 +21,7 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import warnings
@@ -901,6 +903,21 @@ def raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def keep_ctrl_c(unraisable) -> None:
+    """sys.unraisablehook that keeps Ctrl-C from being lost when it lands in a finalizer.
+
+    Python ignores exceptions raised while an object is cleaned up (a progress bar's __del__,
+    say), KeyboardInterrupt included, and the run would go on: interrupt again a moment later,
+    outside the cleanup. Anything else is reported as Python would.
+    """
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.01, _thread.interrupt_main)
+        again.daemon = True  # never holds up the exit
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
 def exit_interrupted() -> NoReturn:
     """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
 
@@ -1384,6 +1401,7 @@ def check_compatible(checkpoint: dict, args, classes: list[str], path: Path) -> 
 
 
 if __name__ == "__main__":
+    sys.unraisablehook = keep_ctrl_c
     arguments = get_args_parser().parse_args()
     rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
     try:

@@ -9,7 +9,7 @@ shared top-level function or class (and the `if __name__ == "__main__":` block) 
 the other four files by resnet's text, and a shared definition that a file lacks is inserted
 after the one that precedes it in resnet's file. A few definitions of predict.py are train.py's
 own (FROM_TRAIN: reading images, drawing the confusion matrix, which GPUs the build runs on,
-the quiet exit on Ctrl-C), so that both scripts see, draw and stop alike: those come from
+Ctrl-C kept and its quiet exit), so that both scripts see, draw and stop alike: those come from
 resnet/train.py into every predict.py, resnet's included.
 Family-specific definitions and the import block are never touched: add a new import by hand
 (ruff names a missing one).
@@ -34,7 +34,7 @@ RENAMED = {("lenet", "train.py"): {"load_datasets": "load_image_folders"}}
 OWN = {("lenet", "train.py"): {"load_datasets"}}
 MAIN_BLOCK = "__main__"
 # predict.py definitions whose text is resnet/train.py's.
-FROM_TRAIN = {"open_rgb", "confusion_figure", "cuda_problem", "exit_interrupted"}
+FROM_TRAIN = {"open_rgb", "confusion_figure", "cuda_problem", "keep_ctrl_c", "exit_interrupted"}
 
 
 def top_level(source: str) -> dict[str, tuple[int, int]]:
