@@ -301,6 +301,12 @@ def test_resume_with_no_epoch_left_or_a_changed_recipe_says_so(tiny, tmp_path):
     assert saved["epoch"] == 2 and saved["args"]["lr"] == pytest.approx(2e-3)
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """Runs in the child before its program: a shell starts background jobs (tests run in the
+    background, say) with SIGINT ignored, and children inherit that; Python then ignores it too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("wait", [0.0, 1.0])  # in the setup, or into the first epoch
 def test_ctrl_c_before_the_first_saved_epoch_exits_130(flowers, tmp_path, wait):
     cmd = [sys.executable, str(REPO / "resnet" / "train.py"), "--data-path", str(flowers),
@@ -308,7 +314,7 @@ def test_ctrl_c_before_the_first_saved_epoch_exits_130(flowers, tmp_path, wait):
            "--output-dir", str(tmp_path / "o")]  # fmt: skip
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+                            env=env, preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
     for line in proc.stdout:  # the start line: training begins right after it
         if "classes" in line:
             break
@@ -340,6 +346,7 @@ import os
 import signal
 import tqdm.std
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as ctrl_c_as_in_a_terminal does
 cleanup, fired = tqdm.std.tqdm.__del__, []
 
 def interrupted(self):
