@@ -1,5 +1,6 @@
 """split_data.py: download (resumed, verified), safe extraction, a deterministic split."""
 
+import ast
 import hashlib
 import io
 import json
@@ -350,3 +351,15 @@ def test_never_replaces_a_train_folder_it_did_not_make(tmp_path):
     result = run(SCRIPT, "--source", source, "--out", tmp_path / "out", cwd=tmp_path)
     assert_one_line_error(result, "not made by split_data.py")
     assert mine.read_bytes() == b"user data"
+
+
+def test_ctrl_c_handling_is_train_pys():
+    """split_data.py stands alone, so it repeats train.py's Ctrl-C handling: the copies match."""
+
+    def functions(path: Path) -> dict[str, str]:
+        tree = ast.parse(path.read_text())
+        return {n.name: ast.dump(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    ours, train = functions(SCRIPT), functions(REPO / "resnet" / "train.py")
+    for name in ("keep_ctrl_c", "exit_interrupted"):
+        assert ours[name] == train[name], f"split_data.py's {name} is not resnet/train.py's"
