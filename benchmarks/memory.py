@@ -12,10 +12,13 @@ measured at batches of 1 and 2, and extended linearly to the batch asked for).
 Their sum is what the step holds at its peak, before the allocator's rounding, cuDNN's
 workspaces and the CUDA context (some hundreds of MiB), which only a GPU can show.
 
-With --device cuda, the process is also capped to --cap GiB
-(torch.cuda.set_per_process_memory_fraction) and a few real steps measure
-torch.cuda.max_memory_reserved(); then the largest batch that still fits under the cap is
-searched (doubling, then bisection). Writes benchmarks/memory.json.
+With --device cuda, the whole process is also held to --cap GiB, as a card of that size would
+hold it: what lies outside PyTorch's allocator (the CUDA context, the cuBLAS and cuDNN
+handles) is measured first (cudaMemGetInfo), and the allocator is capped to the rest
+(torch.cuda.set_per_process_memory_fraction). A few real steps then measure the peak
+(torch.cuda.max_memory_reserved() plus that outside part), and the largest batch that still
+fits is searched (doubling up to 4096, then bisection; "at least 4096" where every batch fit).
+Writes benchmarks/memory.json.
 """
 
 import argparse
@@ -31,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
+CEILING = 4096  # the largest batch the search tries
 # network -> (folder, --arch or None, default batch of that folder's train.py, image size)
 NETWORKS = {
     "lenet": ("lenet", None, 64, 32),
@@ -143,11 +147,31 @@ def estimate(name: str, batch: int, amp_dtype) -> dict:
     return {**parts, "total": sum(parts.values())}
 
 
-def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float) -> dict:
-    """Peak memory reserved by a few real steps on the GPU under a cap, and the largest batch."""
-    device = torch.device("cuda")
+def outside_allocator(device: torch.device) -> int:
+    """Bytes the process holds on the GPU outside PyTorch's allocator: the CUDA context and the
+    cuBLAS and cuDNN handles (some hundreds of MiB), which a cap on the allocator misses.
+
+    The first kernels start them; cudaMemGetInfo then counts them as used and the allocator
+    does not (on a GPU that no other process uses).
+    """
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(1568, 1)
+    )
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = net.to(device)(torch.randn(2, 3, 16, 16, device=device)).sum()
+    loss.backward()  # the backward kernels of cuDNN and cuBLAS too
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float, outside: int) -> dict:
+    """Peak memory of a few real steps on the GPU, the whole process held to cap_gib, and the
+    largest batch that fits."""
+    device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total), device)
+    fraction = (cap_gib * GIB - outside) / total  # what the card leaves the allocator
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, fraction)), device)
     model, optimizer, step, update = build(name, device, amp_dtype)
     torch.backends.cudnn.benchmark = True
 
@@ -162,11 +186,11 @@ def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float) -> dict:
         except torch.cuda.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             return None
-        return torch.cuda.max_memory_reserved(device) / GIB
+        return (torch.cuda.max_memory_reserved(device) + outside) / GIB
 
     measured = peak(batch)
     low, high = (batch, None) if measured is not None else (0, batch)
-    while high is None and low < 4096:  # double until a batch no longer fits
+    while high is None and low < CEILING:  # double until a batch no longer fits
         if peak(2 * low) is None:
             high = 2 * low
         else:
@@ -177,7 +201,9 @@ def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float) -> dict:
             high = middle
         else:
             low = middle
-    return {"peak_reserved_gib": measured, "largest_batch_under_cap": low, "cap_gib": cap_gib}
+    largest = f"at least {low}" if high is None else str(low)  # the search stopped at CEILING
+    return {"peak_gib": measured, "largest_batch_under_cap": largest, "cap_gib": cap_gib,
+            "outside_allocator_gib": outside / GIB}  # fmt: skip
 
 
 def markdown(rows: list[dict], cuda: bool) -> str:
@@ -201,7 +227,7 @@ def markdown(rows: list[dict], cuda: bool) -> str:
         ]
         cells = [r["model"], str(r["batch"]), *mib, f"{r['total'] / GIB:.2f}"]
         if cuda:
-            peak = r.get("peak_reserved_gib")
+            peak = r.get("peak_gib")
             cells += [
                 "does not fit" if peak is None else f"{peak:.2f}",
                 str(r.get("largest_batch_under_cap")),
@@ -255,12 +281,17 @@ def main(args: argparse.Namespace) -> None:
         sys.exit("benchmarks/memory.py: error: --device cuda, but CUDA is not available here")
     amp_dtype = torch.bfloat16  # what --amp auto picks on GPUs from Ampere on (fp16: same size)
     rows = []
+    if args.device == "cuda":
+        outside = outside_allocator(torch.device("cuda", torch.cuda.current_device()))
+        print(
+            f"outside PyTorch's allocator (CUDA context, library handles): {outside / GIB:.2f} GiB"
+        )
     for name in args.models:
         batch = args.batch or NETWORKS[name][2]
         started = time.perf_counter()
         row = {"model": name, "batch": batch, **estimate(name, batch, amp_dtype)}
         if args.device == "cuda":
-            row.update(measure_cuda(name, batch, amp_dtype, args.cap))
+            row.update(measure_cuda(name, batch, amp_dtype, args.cap, outside))
         rows.append(row)
         print(
             f"{name}: {row['total'] / GIB:.2f} GiB estimated "

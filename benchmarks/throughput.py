@@ -186,7 +186,6 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
 
     def ours_setup(num_classes: int):
         torch.manual_seed(0)
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py sets it
         ours_args = project_args()
         model = train_py.build_model(ours_args, num_classes)
         model = model.to(device, memory_format=torch.channels_last)
@@ -197,7 +196,6 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
             images, targets = train_py.to_device(images, targets, device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, _ = train_py.compute_loss(model(images), targets, criterion)
-            loss.item()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -215,18 +213,23 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     # The compute limit: the same step on one batch already in memory, again and again.
     in_memory = next(iter(cached_train))
     runs["limit"] = []
+    # cuDNN's autotuning is a global switch: each loop runs with it as its script sets it.
+    tuned = device.type == "cuda"  # train.py turns it on for GPUs; the classic scripts do not
     for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit all alike
         classic_model.train()
+        torch.backends.cudnn.benchmark = False
         runs["classic"].append(timed_steps(classic_train, classic_step, args.warmup, steps, sync))
         ours_model.train()
+        torch.backends.cudnn.benchmark = tuned
         runs["ours"].append(timed_steps(ours_train, ours_step, args.warmup, steps, sync))
         runs["ours_cache"].append(timed_steps(cached_train, ours_step, args.warmup, steps, sync))
         runs["limit"].append(timed_steps([in_memory] * (args.warmup + steps), ours_step,
                                          args.warmup, steps, sync))  # fmt: skip
     train_ips = {k: statistics.median(v) for k, v in runs.items()}
 
-    def eval_rate(model, loader, prepare, dtype) -> float:
+    def eval_rate(model, loader, prepare, dtype, benchmark: bool) -> float:
         model.eval()
+        torch.backends.cudnn.benchmark = benchmark
         sync()
         start, seen = time.perf_counter(), 0
         with torch.no_grad():
@@ -239,9 +242,10 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         return seen / (time.perf_counter() - start)
 
     val_ips = {
-        "classic": eval_rate(classic_model, classic_val, lambda x: x.to(device), None),
+        "classic": eval_rate(classic_model, classic_val, lambda x: x.to(device), None, False),
         "ours": eval_rate(ours_model, ours_val,
-                          lambda x: x.to(device, memory_format=torch.channels_last), amp_dtype),
+                          lambda x: x.to(device, memory_format=torch.channels_last), amp_dtype,
+                          tuned),
     }  # fmt: skip
     del classic_model, ours_model, classic_train, ours_train, cached_train
 
