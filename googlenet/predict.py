@@ -55,11 +55,13 @@ class PredictError(Exception):
 
 
 def pick_device(name: str) -> torch.device:
+    """The device --device names; a CUDA one with its index (the current GPU for "cuda")."""
     if name == "auto":
         if torch.cuda.is_available():
-            problem = cuda_problem(0)
+            index = torch.cuda.current_device()
+            problem = cuda_problem(index)
             if problem is None:
-                return torch.device("cuda")
+                return torch.device("cuda", index)
             print(f"note: {problem}; predicting on the CPU", file=sys.stderr)
         elif torch.backends.mps.is_available():
             return torch.device("mps")
@@ -69,15 +71,19 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise PredictError(f"--device {name}: not a device this script runs on; use auto, cpu, "
-                           f"cuda, cuda:N or mps")  # fmt: skip
+        raise PredictError(
+            f"--device {name}: not a device this script runs on; use auto, cpu, cuda, cuda:N or mps"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PredictError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise PredictError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                           f"CUDA device(s), numbered from 0")  # fmt: skip
-    if device.type == "cuda" and cuda_problem(device.index or 0):
-        raise PredictError(f"--device {name}: {cuda_problem(device.index or 0)}")
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise PredictError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                               f"CUDA device(s), numbered from 0")  # fmt: skip
+        if problem := cuda_problem(index):
+            raise PredictError(f"--device {name}: {problem}")
+        device = torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise PredictError("--device mps: MPS is not available here; use --device cpu")
     return device
@@ -86,23 +92,30 @@ def pick_device(name: str) -> torch.device:
 def cuda_problem(index: int) -> str | None:
     """Why this PyTorch build cannot run on CUDA device index, or None if it can.
 
-    A wheel carries kernels for a list of GPU generations (torch.cuda.get_arch_list()): sm_XY
-    runs on compute capability X.Y and on later minor versions of X, compute_XY (PTX) on X.Y
-    and anything later. An older GPU is listed by is_available() and fails at its first kernel.
+    A wheel carries kernels for a list of GPU generations (torch.cuda.get_arch_list()). Native
+    code sm_XY runs where torch's own table says (later minor versions of X, but not Jetson's
+    8.7 on sm_80, say); PTX compute_XY on X.Y and anything later. A GPU without kernels is
+    listed by is_available() and fails at its first kernel.
     """
     major, minor = torch.cuda.get_device_capability(index)
-    for arch in torch.cuda.get_arch_list():
+    device_cc, archs = 10 * major + minor, torch.cuda.get_arch_list()
+    # torch's rule (torch 2.8 on); before it, the same major version at this minor or below.
+    native = getattr(torch.cuda, "_code_compatible_with_device", None)
+    native = native or (lambda device, code: device // 10 == code // 10 and device >= code)
+    for arch in archs:
         kind, _, version = arch.partition("_")
-        if not version.isdigit():
-            continue
-        a, b = int(version[:-1]), int(version[-1])
-        native = kind == "sm" and a == major and b <= minor
-        ptx = kind == "compute" and (a, b) <= (major, minor)
-        if native or ptx:
-            return None
-    return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
-            f"kernels in this PyTorch build ({' '.join(torch.cuda.get_arch_list())}); install "
-            f"a build whose torch.cuda.get_arch_list() lists sm_{major}{minor}")  # fmt: skip
+        code_cc = version.rstrip("af")  # sm_90a, sm_100f: the family variants of 9.0, 10.0
+        if code_cc.isdigit():
+            ptx = kind == "compute" and device_cc >= int(code_cc)
+            if ptx or (kind == "sm" and native(device_cc, int(code_cc))):
+                return None
+    if not archs:
+        return None  # nothing to check against
+    return (
+        f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
+        f"kernels in this PyTorch build ({' '.join(archs)}); install a build whose "
+        f"torch.cuda.get_arch_list() lists sm_{major}{minor}"
+    )
 
 
 def load_checkpoint(path: Path, expected_arch: str | None) -> dict:

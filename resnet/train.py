@@ -130,12 +130,18 @@ class TrainingError(Exception):
     """A problem with the user's input or run, reported as one line without a traceback."""
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device --device names; a CUDA one always with its index, as set_device needs.
+
+    Under torchrun (local_rank given) a process uses the GPU of its LOCAL_RANK; otherwise the
+    GPU named, or the current one for "cuda" and "auto".
+    """
     if name == "auto":
         if torch.cuda.is_available():
-            problem = cuda_problem(0)
+            device = cuda_device("cuda", local_rank)
+            problem = cuda_problem(device.index)
             if problem is None:
-                return torch.device("cuda")
+                return device
             print(f"note: {problem}; training on the CPU", file=sys.stderr)
         elif torch.backends.mps.is_available():
             return torch.device("mps")
@@ -145,40 +151,67 @@ def pick_device(name: str) -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise TrainingError(f"--device {name}: not a device this script runs on; use auto, cpu, "
-                            f"cuda, cuda:N or mps")  # fmt: skip
+        raise TrainingError(
+            f"--device {name}: not a device this script runs on; use auto, cpu, cuda, cuda:N or mps"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise TrainingError(f"--device {name}: this machine has {torch.cuda.device_count()} "
-                            f"CUDA device(s), numbered from 0")  # fmt: skip
-    if device.type == "cuda" and cuda_problem(device.index or 0):
-        raise TrainingError(f"--device {name}: {cuda_problem(device.index or 0)}")
+    if device.type == "cuda":
+        device = cuda_device(name, local_rank)
+        if problem := cuda_problem(device.index):
+            raise TrainingError(f"--device {name}: {problem}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise TrainingError("--device mps: MPS is not available here; use --device cpu")
     return device
 
 
+def cuda_device(name: str, local_rank: int | None) -> torch.device:
+    """cuda:N for --device name (cuda or cuda:N), or for this torchrun process's LOCAL_RANK."""
+    count = torch.cuda.device_count()
+    if local_rank is not None:
+        if local_rank >= count:
+            processes = os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)
+            raise TrainingError(
+                f"torchrun started {processes} processes on this machine, which has {count} "
+                f"CUDA device(s): pass --nproc_per_node={count} (one process per GPU)"
+            )
+        return torch.device("cuda", local_rank)
+    index = torch.device(name).index
+    index = torch.cuda.current_device() if index is None else index
+    if index >= count:
+        raise TrainingError(
+            f"--device {name}: this machine has {count} CUDA device(s), numbered from 0"
+        )
+    return torch.device("cuda", index)
+
+
 def cuda_problem(index: int) -> str | None:
     """Why this PyTorch build cannot run on CUDA device index, or None if it can.
 
-    A wheel carries kernels for a list of GPU generations (torch.cuda.get_arch_list()): sm_XY
-    runs on compute capability X.Y and on later minor versions of X, compute_XY (PTX) on X.Y
-    and anything later. An older GPU is listed by is_available() and fails at its first kernel.
+    A wheel carries kernels for a list of GPU generations (torch.cuda.get_arch_list()). Native
+    code sm_XY runs where torch's own table says (later minor versions of X, but not Jetson's
+    8.7 on sm_80, say); PTX compute_XY on X.Y and anything later. A GPU without kernels is
+    listed by is_available() and fails at its first kernel.
     """
     major, minor = torch.cuda.get_device_capability(index)
-    for arch in torch.cuda.get_arch_list():
+    device_cc, archs = 10 * major + minor, torch.cuda.get_arch_list()
+    # torch's rule (torch 2.8 on); before it, the same major version at this minor or below.
+    native = getattr(torch.cuda, "_code_compatible_with_device", None)
+    native = native or (lambda device, code: device // 10 == code // 10 and device >= code)
+    for arch in archs:
         kind, _, version = arch.partition("_")
-        if not version.isdigit():
-            continue
-        a, b = int(version[:-1]), int(version[-1])
-        native = kind == "sm" and a == major and b <= minor
-        ptx = kind == "compute" and (a, b) <= (major, minor)
-        if native or ptx:
-            return None
-    return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
-            f"kernels in this PyTorch build ({' '.join(torch.cuda.get_arch_list())}); install "
-            f"a build whose torch.cuda.get_arch_list() lists sm_{major}{minor}")  # fmt: skip
+        code_cc = version.rstrip("af")  # sm_90a, sm_100f: the family variants of 9.0, 10.0
+        if code_cc.isdigit():
+            ptx = kind == "compute" and device_cc >= int(code_cc)
+            if ptx or (kind == "sm" and native(device_cc, int(code_cc))):
+                return None
+    if not archs:
+        return None  # nothing to check against
+    return (
+        f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
+        f"kernels in this PyTorch build ({' '.join(archs)}); install a build whose "
+        f"torch.cuda.get_arch_list() lists sm_{major}{minor}"
+    )
 
 
 def init_distributed(args: argparse.Namespace) -> torch.device:
@@ -193,9 +226,13 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
     if args.distributed and args.workers == get_args_parser().get_default("workers"):
         # The default is for the whole machine: its processes share the cores.
         args.workers = max(1, args.workers // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    device = pick_device(args.device)
-    if args.distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if args.distributed else None
+    device = pick_device(args.device, local_rank)
+    if args.distributed and device.type == "mps":
+        raise TrainingError(
+            "torchrun on MPS: PyTorch's DistributedDataParallel does not run there; train in "
+            "one process (python train.py), or pass --device cpu to run the processes on the CPU"
+        )
     if device.type == "cuda":  # cuda:N: kernels, memory figures and autocast all use GPU N
         torch.cuda.set_device(device)
     if args.distributed:
@@ -649,11 +686,6 @@ def train_one_epoch(
         bar.update()
         if batch % 20 == 0 or batch == batches:
             seen, loss_sum, correct = sums.tolist()
-            if not math.isfinite(loss_sum):
-                raise TrainingError(
-                    f"loss became {loss_sum / seen} at epoch {epoch}, step {batch}: training "
-                    f"diverged; try a lower --lr (now {args.lr:g})"
-                )
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
         if batch >= batches:
@@ -664,6 +696,11 @@ def train_one_epoch(
     if args.distributed:  # totals over every process
         dist.all_reduce(sums)
     seen, loss_sum, correct = sums.tolist()
+    if not math.isfinite(loss_sum):  # judged on the totals: every process stops alike
+        raise TrainingError(
+            f"loss became {loss_sum / seen} in epoch {epoch}: training diverged; try a lower "
+            f"--lr (now {args.lr:g})"
+        )
     return {"loss": loss_sum / seen, "acc": correct / seen, "seconds": seconds,
             "img_s": seen / seconds, "data_wait": waited / seconds}  # fmt: skip
 
@@ -673,11 +710,13 @@ def evaluate(model, criterion, loader, device, amp_dtype, args, desc="val") -> d
     """Loss and accuracy of the main head on every sample of val, plus the predictions.
 
     Distributed, each process evaluates every world_size-th sample and the results are
-    gathered, so every sample counts exactly once.
+    gathered, so every sample counts exactly once (a process may have none). The sums and
+    predictions stay on the device until the end: each read would wait for the GPU.
     """
     model.eval()
-    seen, loss_sum = 0, 0.0
-    predictions, labels = [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    predictions, labels = [empty], [empty]
     steps = 1 if args.dry_run else len(loader)
     bar = tqdm(loader, total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0,
                disable=args.rank != 0)  # fmt: skip
@@ -685,21 +724,21 @@ def evaluate(model, criterion, loader, device, amp_dtype, args, desc="val") -> d
         images, targets = to_device(images, targets, device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-        loss_sum += criterion(logits.float(), targets).item() * targets.size(0)
-        seen += targets.size(0)
-        predictions.append(logits.argmax(1).cpu())
-        labels.append(targets.cpu())
+        loss_sum += criterion(logits.float(), targets).double() * targets.size(0)
+        predictions.append(logits.argmax(1))
+        labels.append(targets)
         if step >= steps:
             break
     bar.close()
-    predictions, labels = torch.cat(predictions), torch.cat(labels)
+    loss_sum = loss_sum.item()
+    predictions, labels = torch.cat(predictions).cpu(), torch.cat(labels).cpu()
     if args.distributed:
         parts = [None] * args.world_size
         dist.all_gather_object(parts, (loss_sum, predictions, labels))
         loss_sum = sum(part[0] for part in parts)
         predictions = torch.cat([part[1] for part in parts])
         labels = torch.cat([part[2] for part in parts])
-        seen = labels.numel()
+    seen = labels.numel()
     return {"loss": loss_sum / seen, "acc": (predictions == labels).float().mean().item(),
             "predictions": predictions, "labels": labels}  # fmt: skip
 
@@ -763,8 +802,8 @@ def history_row(epoch: int, train: dict, val: dict, lr: float, device: torch.dev
         "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr, "seconds": train["seconds"],
         "img_s": train["img_s"], "data_wait": train["data_wait"],
     }  # fmt: skip
-    if device.type == "cuda":  # what this process's GPU needed at most, in GiB
-        row["gpu_mem_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    if device.type == "cuda":  # the most this epoch's tensors took on this process's GPU, GiB
+        row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row
 
 
@@ -913,12 +952,22 @@ def command_with(changes: dict[str, str]) -> str:
 
 
 def out_of_memory_message(args: argparse.Namespace) -> str:
-    """What to do when the GPU's memory does not hold a training step at this batch size."""
-    retry = command_with({"--batch-size": str(max(1, args.batch_size // 2)),
-                          "--accum-steps": str(2 * args.accum_steps)})  # fmt: skip
+    """What to do when the GPU's memory does not hold a training step at this batch size: half
+    the batch, twice --accum-steps (the same optimizer step), continuing from last.pth if the
+    run saved one (--resume takes a batch split so: see read_resume_checkpoint)."""
+    changes = {"--batch-size": str(max(1, args.batch_size // 2)),
+               "--accum-steps": str(2 * args.accum_steps)}  # fmt: skip
+    last = output_dir_of(args) / "last.pth"
+    if last.is_file():
+        changes["--resume"] = str(last)
+    what = "continue" if last.is_file() else "the same training"
     amp = "; --amp bf16 or fp16 also halves the activations" if args.amp == "off" else ""
-    return (f"CUDA ran out of memory at --batch-size {args.batch_size}; the same training in "
-            f"about half the memory: {retry}{amp}")  # fmt: skip
+    return (f"CUDA ran out of memory at --batch-size {args.batch_size}; {what} in about half "
+            f"the memory: {command_with(changes)}{amp}")  # fmt: skip
+
+
+def output_dir_of(args: argparse.Namespace) -> Path:
+    return (args.output_dir or FOLDER / "runs" / args.arch).expanduser().resolve()
 
 
 def raise_keyboard_interrupt(signum, frame) -> None:
@@ -1128,7 +1177,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     check_args(args)
     args.data_path = args.data_path.expanduser().resolve()
-    output_dir = (args.output_dir or FOLDER / "runs" / args.arch).expanduser().resolve()
+    output_dir = output_dir_of(args)
     device = init_distributed(args)
     is_main = args.rank == 0  # only it prints, plots and writes checkpoints
     if args.sync_bn and args.distributed and device.type != "cuda":
@@ -1214,14 +1263,28 @@ def main(args: argparse.Namespace) -> None:
             report_interrupt(epoch, writer.saved_epoch, output_dir)
         exit_interrupted()
     if kept_val is None:  # resumed, and no epoch since replaced the checkpoint's best.pth
-        best = load_checkpoint(output_dir / "best.pth")
-        model.load_state_dict(best["model"])
+        best_epoch_kept = load_kept_weights(model, output_dir, args)
         kept_val = evaluate(model, criterion, val_loader, device, amp_dtype, args, desc="best")
-        kept_val["epoch"] = best["epoch"]
+        kept_val["epoch"] = best_epoch_kept
     if is_main:
         report_confusion(kept_val, classes, output_dir / "confusion_matrix.png")
         report_end(kept_val, best_acc, best_epoch, time.perf_counter() - started, output_dir,
                    args)  # fmt: skip
+
+
+def load_kept_weights(model: nn.Module, output_dir: Path, args: argparse.Namespace) -> int:
+    """Put best.pth's weights into model and return its epoch. Rank 0 alone reads the file and
+    sends the weights to the other processes, whose machines may not share the folder."""
+    epoch = [0]
+    if args.rank == 0:
+        best = load_checkpoint(output_dir / "best.pth")
+        model.load_state_dict(best["model"])
+        epoch = [best["epoch"]]
+    if args.distributed:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, 0)
+        dist.broadcast_object_list(epoch, 0)
+    return epoch[0]
 
 
 def checkpoint_state(model: nn.Module, classes: list[str], epoch: int, val_acc: float,
@@ -1377,7 +1440,8 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
 
     The recipe flags are set to the checkpoint's values: the optimizer, the schedule and the
     data order all continue as they were. A different value given now is named, not silently
-    dropped.
+    dropped. Only --batch-size and --accum-steps may change, together, when their product
+    stays: the same optimizer step in less memory (what the out-of-memory advice gives).
     """
     if args.resume is None:
         if (output_dir / "last.pth").exists():
@@ -1396,10 +1460,15 @@ def read_resume_checkpoint(args: argparse.Namespace, output_dir: Path, is_main: 
             f"{args.epochs}: nothing to train; pass a larger --epochs, or --test-only"
         )
     defaults = get_args_parser()
-    for name in ("batch_size", "accum_steps", "lr", "weight_decay", "label_smoothing", "augment",
-                 "crop_scale", "keep", "image_size", "seed"):  # fmt: skip
+    names = ["lr", "weight_decay", "label_smoothing", "augment", "crop_scale", "keep",
+             "image_size", "seed"]  # fmt: skip
+    recipe = checkpoint.get("args", {})
+    step = recipe.get("batch_size", 0) * recipe.get("accum_steps", 1)
+    if args.batch_size * args.accum_steps != step:  # the same step split otherwise is kept
+        names += ["batch_size", "accum_steps"]
+    for name in names:
         given = getattr(args, name)
-        saved = checkpoint.get("args", {}).get(name, given)
+        saved = recipe.get(name, given)
         if given != saved:
             if is_main and given != defaults.get_default(name):
                 print(f"note: --{name.replace('_', '-')} {given} is ignored: the resumed run "

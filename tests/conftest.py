@@ -5,10 +5,14 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.cuda._utils import _get_device_index
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO.parent / "shared" / "data" / "flower_photos_sample"
@@ -108,3 +112,101 @@ def run_script(script: Path, *args, cwd: Path | None = None, timeout: float = 60
         timeout=timeout,
         env=full_env,
     )
+
+
+def answer(value):
+    """A function that returns value, and says it wraps itself: torch._dynamo, once imported,
+    reads torch.backends.mps.is_available.__wrapped__."""
+
+    def function():
+        return value
+
+    function.__wrapped__ = function
+    return function
+
+
+class ReachedGPU(Exception):
+    """The fake GPU's answer to the first real CUDA work: start-up got that far unrefused."""
+
+
+@dataclass
+class FakeGPU:
+    """What the fake_gpu fixture reports, and what the code asked of it."""
+
+    capability: tuple[int, int] = (8, 6)
+    archs: list[str] = field(default_factory=lambda: ["sm_75", "sm_80", "sm_86", "sm_90",
+                                                      "compute_90"])  # fmt: skip
+    count: int = 1
+    total_memory: int = 8 * 2**30
+    current: int = 0
+    calls: list[tuple] = field(default_factory=list)  # (function, device index)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch) -> FakeGPU:
+    """torch reports CUDA GPUs of gpu.capability for a build of gpu.archs, and every CUDA call
+    the scripts make goes through torch's own argument checks (_get_device_index, as the real
+    functions call it), so what torch would refuse fails here too. The first real CUDA work
+    (torch's lazy CUDA start, which every tensor placed on a GPU calls) raises ReachedGPU.
+    """
+    gpu = FakeGPU()
+
+    def index(name: str, device, optional: bool = True) -> int:
+        i = _get_device_index(device, optional=optional)  # torch's check, strict or optional
+        if not 0 <= i < gpu.count:
+            raise RuntimeError(f"CUDA error: invalid device ordinal ({name}({device!r}))")
+        gpu.calls.append((name, i))
+        return i
+
+    def properties(device=None):
+        i = index("get_device_properties", device)
+        name = f"Fake GPU {i}"
+        return type("Properties", (), {"name": name, "major": gpu.capability[0],
+                                       "minor": gpu.capability[1],
+                                       "total_memory": gpu.total_memory})()  # fmt: skip
+
+    def set_device(device) -> None:
+        if (i := _get_device_index(device)) >= 0:  # as torch.cuda.set_device: no index, no run
+            gpu.current = index("set_device", i)
+
+    def set_per_process_memory_fraction(fraction, device=None) -> None:
+        device = gpu.current if device is None else device
+        index("set_per_process_memory_fraction", device, optional=False)
+        if not isinstance(fraction, float) or not 0 <= fraction <= 1:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~1")
+
+    def mem_get_info(device=None) -> tuple[int, int]:
+        index("mem_get_info", gpu.current if device is None else device)
+        return gpu.total_memory // 2, gpu.total_memory
+
+    def counter(name: str):
+        return lambda device=None: index(name, device) * 0
+
+    def init_process_group(backend: str, *args, **kwargs) -> None:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if backend == "nccl" and gpu.current != local_rank:  # NCCL works on the current GPU
+            raise RuntimeError(f"NCCL on GPU {gpu.current}, LOCAL_RANK is {local_rank}")
+        gpu.calls.append(("init_process_group", backend))
+
+    def lazy_init() -> None:
+        raise ReachedGPU("the first CUDA work")
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: gpu.count)
+    monkeypatch.setattr(cuda, "current_device", lambda: gpu.current)
+    monkeypatch.setattr(cuda, "get_arch_list", lambda: gpu.archs)
+    monkeypatch.setattr(cuda, "get_device_properties", properties)
+    monkeypatch.setattr(cuda, "get_device_capability", lambda d=None: gpu.capability
+                        if index("get_device_capability", d) >= 0 else None)  # fmt: skip
+    monkeypatch.setattr(cuda, "get_device_name", lambda d=None: properties(d).name)
+    monkeypatch.setattr(cuda, "set_device", set_device)
+    monkeypatch.setattr(cuda, "set_per_process_memory_fraction", set_per_process_memory_fraction)
+    monkeypatch.setattr(cuda, "mem_get_info", mem_get_info)
+    for name in ("reset_peak_memory_stats", "max_memory_allocated", "max_memory_reserved",
+                 "memory_reserved", "synchronize", "empty_cache"):  # fmt: skip
+        monkeypatch.setattr(cuda, name, counter(name))
+    monkeypatch.setattr(cuda, "_lazy_init", lazy_init)
+    monkeypatch.setattr(torch.backends.mps, "is_available", answer(False))
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    return gpu

@@ -1,12 +1,28 @@
-"""Gradient accumulation, and the GPU paths of train.py reached with faked devices."""
+"""Gradient accumulation, and the GPU paths of train.py, predict.py and memory.py, reached
+under a fake GPU that checks every CUDA call as torch does (conftest.fake_gpu)."""
 
+import argparse
 import runpy
+import shlex
+import subprocess
 import sys
 
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO, load_script, run_script
+from conftest import (
+    FAMILIES,
+    REPO,
+    SMALL,
+    ReachedGPU,
+    answer,
+    load_module,
+    load_script,
+    needs_sample,
+    run_script,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -20,27 +36,44 @@ def weights(path):
 # --- gradient accumulation -------------------------------------------------------------------
 
 
-def test_accumulating_two_batches_of_8_equals_one_batch_of_16(tiny, tmp_path):
-    runs = {"big": ["-b", "16"], "accumulated": ["-b", "8", "--accum-steps", "2"]}
+@needs_sample
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_accumulating_two_batches_of_8_equals_one_batch_of_16(flowers, tmp_path, monkeypatch,
+                                                              cache):  # fmt: skip
+    """Every optimizer step sees the same gradient, on real photos, with the cache on and off.
+
+    The weights themselves are not compared: AdamW divides each gradient by its own size, so
+    float rounding in a near-zero gradient (the sums run in another order) can move a weight
+    by up to the learning rate. A tiny --lr keeps the weights of the runs together, so that
+    each step's gradient can be compared.
+    """
+    train_py = load_script("lenet", "train")
+    monkeypatch.setattr(train_py.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
+    monkeypatch.setattr(train_py, "report_confusion", lambda *args: None)
+    make_optimizer, gradients = train_py.make_optimizer, []
+
+    def recording(model, args):
+        optimizer = make_optimizer(model, args)
+        optimizer.register_step_pre_hook(
+            lambda *_: gradients[-1].append([p.grad.clone() for p in model.parameters()])
+        )
+        return optimizer
+
+    monkeypatch.setattr(train_py, "make_optimizer", recording)
+    runs = {"big": ["-b", "16"], "accumulated": ["-b", "8", "--accum-steps", "2"],
+            "single": ["-b", "8"]}  # fmt: skip
     for name, flags in runs.items():
-        result = run_script(REPO / "lenet" / "train.py", "--data-path", tiny, "--epochs", "3",
-                            "--output-dir", tmp_path / name, *CPU_FP32, *flags)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-2000:]
-    big, accumulated = weights(tmp_path / "big" / "last.pth"), weights(tmp_path / "accumulated"
-                                                                      / "last.pth")  # fmt: skip
-    # 18 images: steps of 16 and 2 images per epoch in both runs; the accumulated last step
-    # is the lone batch of 2, and counts as the big batch's last step does.
-    for name in runs:
-        state = torch.load(tmp_path / name / "last.pth", weights_only=True)
-        assert state["scheduler"]["last_epoch"] == 3 * 2
-    for key in big:
-        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-4, atol=1e-5)
-    # And the comparison can fail: without accumulation the weights differ.
-    single = run_script(REPO / "lenet" / "train.py", "--data-path", tiny, "--epochs", "3",
-                        "--output-dir", tmp_path / "single", *CPU_FP32, "-b", "8")  # fmt: skip
-    assert single.returncode == 0, single.stderr[-2000:]
-    assert not torch.allclose(weights(tmp_path / "single" / "last.pth")["fc3.weight"],
-                              big["fc3.weight"], atol=1e-5)  # fmt: skip
+        gradients.append([])
+        argv = ["--data-path", str(flowers), "--epochs", "1", "--lr", "1e-9", "--cache", cache,
+                *CPU_FP32, "--output-dir", str(tmp_path / name), *flags]  # fmt: skip
+        train_py.main(train_py.get_args_parser().parse_args(argv))
+    big, accumulated, single = gradients
+    assert len(big) == len(accumulated) == 9  # 135 photos: 8 steps of 16 and one of 7
+    for step_big, step_accumulated in zip(big, accumulated, strict=True):
+        for g_big, g_accumulated in zip(step_big, step_accumulated, strict=True):
+            torch.testing.assert_close(g_accumulated, g_big, rtol=1e-4, atol=1e-6)
+    # And the comparison can fail: a step of 8 photos has another gradient.
+    assert not torch.allclose(single[0][-2], big[0][-2], atol=1e-6)
 
 
 def test_too_many_accumulation_steps_for_the_data_is_one_line(tiny, tmp_path):
@@ -53,29 +86,17 @@ def test_too_many_accumulation_steps_for_the_data_is_one_line(tiny, tmp_path):
 # --- mixed precision and devices on GPUs that are not here -----------------------------------
 
 
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """Make torch report one CUDA GPU of the capability the test sets, for a cu-style build."""
-    state = {"capability": (8, 6), "archs": ["sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: state["capability"])
-    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: state["archs"])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    return state
-
-
 def test_auto_amp_follows_the_compute_capability(fake_gpu):
     train_py = load_script("resnet", "train")
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", 0)
     expected = {(6, 1): torch.float16, (7, 5): torch.float16, (8, 0): torch.bfloat16,
                 (8, 6): torch.bfloat16, (9, 0): torch.bfloat16}  # fmt: skip
     for capability, dtype in expected.items():
-        fake_gpu["capability"] = capability
+        fake_gpu.capability = capability
         chosen, why = train_py.pick_amp("auto", cuda)
         assert chosen == dtype, capability
         assert f"{capability[0]}.{capability[1]}" in why
-    fake_gpu["capability"] = (7, 5)
+    fake_gpu.capability = (7, 5)
     assert "grad scaler" in train_py.pick_amp("auto", cuda)[1]
     assert train_py.pick_amp("off", cuda)[0] is None
 
@@ -83,9 +104,9 @@ def test_auto_amp_follows_the_compute_capability(fake_gpu):
 def test_a_gpu_without_kernels_in_this_build_is_named(fake_gpu, capsys):
     train_py = load_script("resnet", "train")
     for capability in ((7, 5), (8, 9), (12, 0)):  # listed; a later minor; PTX of 9.0 runs on
-        fake_gpu["capability"] = capability
+        fake_gpu.capability = capability
         assert train_py.cuda_problem(0) is None, capability
-    fake_gpu["capability"] = (6, 1)  # a GTX 1060
+    fake_gpu.capability = (6, 1)  # a GTX 1060
     assert "sm_61" in train_py.cuda_problem(0)
     assert train_py.pick_device("auto") == torch.device("cpu")
     assert "training on the CPU" in capsys.readouterr().err
@@ -210,3 +231,282 @@ def test_under_torchrun_each_process_caches_only_its_share_of_val(tiny):
     for rank, val_set in enumerate(caches):
         shard = train_py.Subset(val_set, range(rank, len(val_set), 2))
         assert [target for _, target in shard] == [val_set.targets[i] for i in shard.indices]
+
+
+# --- start-up under the fake GPU: every script, up to its first CUDA work --------------------
+
+
+def train_args(train_py, data, out, *flags):
+    argv = ["--data-path", str(data), "--output-dir", str(out), "--workers", "0", *flags]
+    return train_py.get_args_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("device", ["auto", "cuda", "cuda:0"])
+def test_train_py_starts_up_on_a_gpu(fake_gpu, tiny, tmp_path, family, device):
+    train_py = load_script(family, "train")
+    args = train_args(train_py, tiny, tmp_path / "o", "--device", device, *SMALL[family])
+    with pytest.raises(ReachedGPU):  # torch refused nothing before the model went to the GPU
+        train_py.main(args)
+    assert ("set_device", 0) in fake_gpu.calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_train_py_starts_up_as_either_of_two_torchrun_processes(
+    fake_gpu, tiny, tmp_path, monkeypatch, family, rank
+):
+    fake_gpu.count = 2
+    for name, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2,
+                        "LOCAL_WORLD_SIZE": 2}.items():  # fmt: skip
+        monkeypatch.setenv(name, str(value))
+    train_py = load_script(family, "train")
+    args = train_args(train_py, tiny, tmp_path / "o", *SMALL[family])
+    with pytest.raises(ReachedGPU):
+        train_py.main(args)
+    # --device auto checked the process's own GPU, made it current, then NCCL started on it.
+    assert ("get_device_capability", rank) in fake_gpu.calls
+    assert ("get_device_capability", 1 - rank) not in fake_gpu.calls
+    assert fake_gpu.current == rank and ("init_process_group", "nccl") in fake_gpu.calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("device", ["auto", "cuda", "cuda:0"])
+def test_predict_py_starts_up_on_a_gpu(fake_gpu, tiny, tmp_path, monkeypatch, family, device):
+    train_py = load_script(family, "train")
+    args = train_args(train_py, tiny, tmp_path / "o", *SMALL[family])
+    model = train_py.build_model(args, 3)
+    checkpoint = train_py.checkpoint_state(model, ["a", "b", "c"], 1, 0.5, 0.5, 1, args)
+    predict_py = load_script(family, "predict")
+    monkeypatch.setattr(predict_py, "load_checkpoint", lambda path, arch: checkpoint)
+    photo = next((tiny / "val" / "a").iterdir())
+    argv = [str(photo), "--device", device, "--no-show", "--save", str(tmp_path / "p.png")]
+    with pytest.raises(ReachedGPU):
+        predict_py.main(predict_py.get_args_parser().parse_args(argv))
+    assert ("get_device_capability", 0) in fake_gpu.calls
+
+
+def load_memory_py():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # memory.py imports throughput.py beside it
+    try:
+        return load_module(REPO / "benchmarks" / "memory.py", "benchmarks_memory")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_memory_py_starts_up_on_a_gpu_and_caps_what_a_6_gib_card_leaves(fake_gpu, tmp_path):
+    memory = load_memory_py()
+    argv = ["--models", "lenet", "--device", "cuda", "--json", str(tmp_path / "m.json")]
+    with pytest.raises(ReachedGPU):  # measuring what lies outside the allocator
+        memory.main(memory.get_args_parser().parse_args(argv))
+    fractions = []
+    fake_set = torch.cuda.set_per_process_memory_fraction
+
+    def recording(fraction, device=None):
+        fake_set(fraction, device)  # torch's checks: a float in [0, 1], a device with an index
+        fractions.append(fraction)
+
+    torch.cuda.set_per_process_memory_fraction = recording  # fake_gpu's monkeypatch undoes it
+    with pytest.raises(ReachedGPU):
+        memory.measure_cuda("lenet", 64, torch.bfloat16, 6.0, outside=2**29)
+    # A 6 GiB card less the 0.5 GiB outside the allocator, of the fake's 8 GiB.
+    assert fractions == [pytest.approx(5.5 / 8)]
+    assert ("set_per_process_memory_fraction", 0) in fake_gpu.calls
+
+
+@pytest.mark.parametrize("fits_up_to, largest", [(100, "100"), (None, "at least 4096")])
+def test_memory_py_says_at_least_where_the_search_hit_its_ceiling(fake_gpu, monkeypatch,
+                                                                 fits_up_to, largest):  # fmt: skip
+    memory = load_memory_py()
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))])
+
+    def step(batch_size):
+        if fits_up_to is not None and batch_size > fits_up_to:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(memory, "build", lambda *a: (None, optimizer, step, lambda: None))
+    result = memory.measure_cuda("lenet", 64, torch.bfloat16, 6.0, outside=0)
+    assert result["largest_batch_under_cap"] == largest
+
+
+# --- the GPU-path defects, each where a fake reaches it ---------------------------------------
+
+
+def test_a_gpu_index_that_is_not_there_is_one_line(fake_gpu, tmp_path, monkeypatch):
+    train_py = load_script("lenet", "train")
+    with pytest.raises(train_py.TrainingError, match="this machine has 1 CUDA device"):
+        train_py.pick_device("cuda:1")
+    predict_py = load_script("lenet", "predict")
+    with pytest.raises(predict_py.PredictError, match="this machine has 1 CUDA device"):
+        predict_py.pick_device("cuda:1")
+    # torchrun with more processes than GPUs: both numbers, and what to pass.
+    fake_gpu.count = 2
+    for name, value in {"RANK": 2, "LOCAL_RANK": 2, "WORLD_SIZE": 3,
+                        "LOCAL_WORLD_SIZE": 3}.items():  # fmt: skip
+        monkeypatch.setenv(name, str(value))
+    args = train_args(train_py, tmp_path, tmp_path / "o")
+    with pytest.raises(
+        train_py.TrainingError,
+        match=r"torchrun started 3 processes .* 2 CUDA "
+        r"device\(s\): pass --nproc_per_node=2",
+    ):
+        train_py.init_distributed(args)
+
+
+def test_torchrun_on_mps_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", answer(True))
+    for name, value in {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 2}.items():
+        monkeypatch.setenv(name, str(value))
+    train_py = load_script("lenet", "train")
+    started = []
+    monkeypatch.setattr(train_py.dist, "init_process_group", lambda *a, **k: started.append(a))
+    args = train_args(train_py, tmp_path, tmp_path / "o")
+    with pytest.raises(train_py.TrainingError, match="torchrun on MPS: .* --device cpu"):
+        train_py.init_distributed(args)
+    assert not started
+
+
+@pytest.mark.parametrize(
+    "capability, archs, runs",
+    [((8, 7), ["sm_80", "sm_86"], False),  # Jetson Orin: torch's table excludes it
+     ((10, 1), ["sm_100", "sm_120"], False),  # Thor under CUDA 13.0
+     ((8, 9), ["sm_86"], True), ((12, 0), ["sm_90", "compute_90"], True),
+     ((9, 0), ["sm_90a"], True), ((6, 1), ["sm_75", "compute_75"], False)],
+)  # fmt: skip
+def test_which_gpus_this_build_runs_on_is_torchs_rule(fake_gpu, capability, archs, runs):
+    fake_gpu.capability, fake_gpu.archs = capability, archs
+    for script in ("train", "predict"):
+        problem = load_script("resnet", script).cuda_problem(0)
+        assert (problem is None) == runs, (script, problem)
+
+
+def tiny_training(train_py, distributed: bool):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    loader = DataLoader(
+        TensorDataset(torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))), batch_size=4
+    )
+    args = argparse.Namespace(accum_steps=1, dry_run=False, batch_size=4, epochs=1, rank=0,
+                              distributed=distributed, lr=1e-3)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return (model, nn.CrossEntropyLoss(), optimizer, scheduler, scaler, loader,
+            torch.device("cpu"), None, 1, args)  # fmt: skip
+
+
+@pytest.mark.parametrize("diverged", ["here", "elsewhere"])
+def test_a_diverged_loss_is_judged_on_every_processs_totals(monkeypatch, diverged):
+    train_py = load_script("lenet", "train")
+    reduced = []
+
+    def all_reduce(sums):  # another process's totals join this one's
+        reduced.append(True)
+        if diverged == "elsewhere":
+            sums[1] += float("inf")
+
+    monkeypatch.setattr(train_py.dist, "all_reduce", all_reduce)
+    inputs = tiny_training(train_py, distributed=True)
+    if diverged == "here":
+        nn.init.constant_(inputs[0][1].weight, float("nan"))
+    # Every process reaches the all-reduce, and each stops on the same totals: none is left
+    # waiting in a collective for one that has already exited.
+    with pytest.raises(train_py.TrainingError, match="training diverged"):
+        train_py.train_one_epoch(*inputs)
+    assert reduced == [True]
+
+
+def test_a_process_with_no_val_images_takes_part_in_the_evaluation(monkeypatch):
+    train_py = load_script("lenet", "train")
+
+    def all_gather_object(parts, mine):  # two processes: this one had no image, the other two
+        parts[:] = [mine, (3.0, torch.tensor([1, 0]), torch.tensor([1, 1]))]
+
+    monkeypatch.setattr(train_py.dist, "all_gather_object", all_gather_object)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0, dtype=torch.long)))
+    args = argparse.Namespace(dry_run=False, rank=1, distributed=True, world_size=2)
+    result = train_py.evaluate(model, nn.CrossEntropyLoss(), empty, torch.device("cpu"), None,
+                               args)  # fmt: skip
+    assert result["acc"] == 0.5 and result["loss"] == 1.5
+
+
+def test_evaluation_reads_the_device_a_fixed_number_of_times(monkeypatch):
+    """Each read (.item(), .cpu(), .tolist()) waits for the GPU: not one per batch."""
+    train_py = load_script("lenet", "train")
+    reads = []
+    for name in ("item", "cpu", "tolist"):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, m=method, **k: (
+            reads.append(1), m(self, *a, **k))[1])  # fmt: skip
+    args = argparse.Namespace(dry_run=False, rank=0, distributed=False, world_size=1)
+    counts = []
+    for batches in (1, 4):
+        images, labels = torch.randn(4 * batches, 1, 2, 2), torch.zeros(4 * batches).long()
+        loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+        reads.clear()
+        train_py.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), nn.CrossEntropyLoss(),
+                          loader, torch.device("cpu"), None, args)  # fmt: skip
+        counts.append(len(reads))
+    assert counts[0] == counts[1]
+
+
+def test_the_kept_weights_are_read_by_rank_0_and_sent_to_the_others(tmp_path, monkeypatch):
+    """A second machine holds no best.pth: rank 1 receives rank 0's weights instead."""
+    train_py = load_script("lenet", "train")
+    args = train_py.get_args_parser().parse_args([])
+    vars(args).update(rank=1, distributed=True, world_size=2)
+    torch.manual_seed(0)
+    rank_0 = train_py.build_model(args, 5)
+    sent = iter([t.clone() for t in rank_0.state_dict().values()])
+    monkeypatch.setattr(train_py.dist, "broadcast", lambda t, src: t.copy_(next(sent)))
+    monkeypatch.setattr(train_py.dist, "broadcast_object_list",
+                        lambda objects, src: objects.__setitem__(0, 7))  # fmt: skip
+    torch.manual_seed(1)
+    model = train_py.build_model(args, 5)
+    assert train_py.load_kept_weights(model, tmp_path / "not-shared", args) == 7
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, rank_0.state_dict()[name]), name
+
+
+def test_epoch_gpu_memory_is_the_peak_the_epochs_tensors_took(fake_gpu):
+    train_py = load_script("lenet", "train")
+    train = {"loss": 1.0, "acc": 0.5, "seconds": 1.0, "img_s": 1.0, "data_wait": 0.0}
+    train_py.history_row(1, train, {"loss": 1.0, "acc": 0.5}, 1e-3, torch.device("cuda", 0))
+    asked = [name for name, _ in fake_gpu.calls]
+    assert "max_memory_allocated" in asked and "max_memory_reserved" not in asked
+
+
+def test_out_of_memory_advice_continues_a_saved_run_and_works(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = run_script(REPO / "lenet" / "train.py", "--data-path", tiny, "--epochs", "1",
+                       "--output-dir", out, *CPU_FP32, "-b", "8")  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    script = REPO / "lenet" / "train.py"
+    argv = [str(script), "--data-path", str(tiny), "--epochs", "2", "--output-dir", str(out),
+            "--resume", *CPU_FP32, "-b", "8"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    monkeypatch.setattr(torch.nn.Module, "to", no_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    monkeypatch.undo()
+    message = str(exit_info.value.code)
+    assert "continue in about half the memory: python " in message
+    command = shlex.split(message.split("memory: ", 1)[1].split("; --amp")[0])
+    assert command[-6:] == ["--batch-size", "4", "--accum-steps", "2", "--resume",
+                            str(out / "last.pth")]  # fmt: skip
+    # The advice, run as given: it continues from epoch 1 with the same optimizer step.
+    advised = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert advised.returncode == 0, advised.stderr[-2000:]
+    assert "is ignored" not in advised.stdout
+    resumed = torch.load(out / "last.pth", weights_only=True)
+    assert resumed["epoch"] == 2
+    assert (resumed["args"]["batch_size"], resumed["args"]["accum_steps"]) == (4, 2)
