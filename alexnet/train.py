@@ -15,7 +15,6 @@ import contextlib
 import errno
 import math
 import os
-import random
 import shlex
 import signal
 import sys
@@ -594,6 +593,9 @@ def train_one_epoch(
     only: each read waits for the GPU.
     """
     model.train()
+    for module in model.modules():  # a frozen layer (--freeze-backbone) keeps its statistics
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            module.train(module.weight.requires_grad)
     accum = args.accum_steps
     batches = min(accum, len(loader)) if args.dry_run else len(loader)
     samples = len(loader.sampler)
@@ -1128,7 +1130,6 @@ def main(args: argparse.Namespace) -> None:
     resumed = None if args.test_only else read_resume_checkpoint(args, output_dir, is_main)
     amp_dtype, amp_reason = pick_amp(args.amp, device)
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -1241,11 +1242,14 @@ def checkpoint_state(model: nn.Module, classes: list[str], epoch: int, val_acc: 
 
 
 def training_state(optimizer, scheduler, scaler, history: list[dict]) -> dict:
-    """What last.pth adds to best.pth's contents: all that restore() puts back to continue."""
+    """What last.pth adds to best.pth's contents: all that restore() puts back to continue.
+
+    No random state: the data order, the augmentation and dropout are seeded per epoch (and
+    image), so a resumed run draws what an uninterrupted one would.
+    """
     return {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "history": history,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
     }  # fmt: skip
 
 
@@ -1300,8 +1304,6 @@ def restore(resumed: dict, model, optimizer, scheduler, scaler) -> tuple[list, i
     scheduler.load_state_dict(resumed["scheduler"])
     if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
         scaler.load_state_dict(resumed["scaler"])
-    torch.set_rng_state(resumed["rng"]["torch"])
-    random.setstate(resumed["rng"]["python"])
     return resumed["history"], resumed["epoch"] + 1, resumed["best_acc"], resumed["best_epoch"]
 
 
