@@ -501,12 +501,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def keep_ctrl_c(unraisable) -> None:
-    """sys.unraisablehook that keeps Ctrl-C from being lost when it lands in a finalizer.
-
-    Python ignores exceptions raised while an object is cleaned up (a progress bar's __del__,
-    say), KeyboardInterrupt included, and the run would go on: interrupt again a moment later,
-    outside the cleanup. Anything else is reported as Python would.
-    """
+    """sys.unraisablehook: Python drops a Ctrl-C that lands in a finalizer (a progress bar's
+    __del__), and the run would go on; interrupt again a moment later, outside the cleanup."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt):
         again = threading.Timer(0.01, _thread.interrupt_main)
         again.daemon = True  # never holds up the exit
@@ -516,11 +512,8 @@ def keep_ctrl_c(unraisable) -> None:
 
 
 def exit_interrupted() -> NoReturn:
-    """Exit with 130, the shell's code for Ctrl-C, printing nothing after our message.
-
-    Ctrl-C can land inside a constructor (a progress bar's, say): the half-built object then
-    fails its cleanup as Python exits, and that traceback would bury the message.
-    """
+    """Exit with 130 (the shell's code for Ctrl-C), quietly: an object half built when Ctrl-C
+    came would fail its cleanup at exit, and that traceback would bury our message."""
     sys.unraisablehook = lambda unraisable: None
     sys.exit(130)
 
@@ -534,6 +527,8 @@ if __name__ == "__main__":
     except OSError as e:  # the cases above name what to do; this is the last resort
         sys.exit(f"split_data.py: error: {e.strerror or e}: {e.filename}")
     except KeyboardInterrupt:
-        print("\nsplit_data.py: interrupted; run again to finish (a partial download resumes)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "\nsplit_data.py: interrupted; run again to finish (a partial download resumes)",
+            file=sys.stderr,
+        )
         exit_interrupted()

@@ -115,9 +115,18 @@ def run_ours(folder: str, split: Path, out: Path, seed: int, args: argparse.Name
     """The folder's train.py, then its predict.py --eval on the test fold, as subprocesses."""
     import torch
 
-    train = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
-             "--epochs", str(args.epochs), "--seed", str(seed),
-             "--output-dir", str(out)]  # fmt: skip
+    train = [
+        sys.executable,
+        str(ROOT / folder / "train.py"),
+        "--data-path",
+        str(split),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out),
+    ]
     size = image_size(folder, args)
     if size != CLASSIC[folder][3]:
         train += ["--image-size", str(size)]
@@ -130,20 +139,32 @@ def run_ours(folder: str, split: Path, out: Path, seed: int, args: argparse.Name
     column = rows[0].index("val_acc")
     val = [float(row[column]) for row in rows[1:]]
     best_epoch = val.index(max(val)) + 1  # the earliest of tied epochs
-    # best.pth holds the last epoch (train.py's default) or the best on val (--keep best-val).
+    # best.pth holds the last epoch (train.py keeps it); older runs kept the best on val.
     kept_epoch = torch.load(out / "best.pth", mmap=True, weights_only=True)["epoch"]
     scores = {}
     for kept in ("best", "last") if kept_epoch < len(val) else ("best",):
-        predict = [sys.executable, str(ROOT / folder / "predict.py"), str(split / "test"),
-                   "--eval", "--json", "--weights", str(out / f"{kept}.pth"),
-                   "--save", str(out / kept)]  # fmt: skip
+        predict = [
+            sys.executable,
+            str(ROOT / folder / "predict.py"),
+            str(split / "test"),
+            "--eval",
+            "--json",
+            "--weights",
+            str(out / f"{kept}.pth"),
+            "--save",
+            str(out / kept),
+        ]
         finished = subprocess.run(predict, capture_output=True, text=True)
         if finished.returncode != 0:
             raise BenchmarkError(f"{shlex.join(predict)} failed: {finished.stderr.strip()[-500:]}")
         scores[kept] = json.loads(finished.stdout)["accuracy"]
-    return {"test_acc": scores["best"], "test_acc_last": scores.get("last", scores["best"]),
-            "best_val_acc": max(val), "best_epoch": best_epoch,
-            "kept_epoch": kept_epoch}  # fmt: skip
+    return {
+        "test_acc": scores["best"],
+        "test_acc_last": scores.get("last", scores["best"]),
+        "best_val_acc": max(val),
+        "best_epoch": best_epoch,
+        "kept_epoch": kept_epoch,
+    }
 
 
 def run_classic(folder: str, split: Path, seed: int, args: argparse.Namespace) -> dict:
@@ -158,21 +179,32 @@ def run_classic(folder: str, split: Path, seed: int, args: argparse.Namespace) -
     size = image_size(folder, args)
     train_py = load_train_py(folder)
     parser = train_py.get_args_parser()
-    model_args = parser.parse_args(["--image-size", str(size)] + (["--arch", arch]
-                                   if "--arch" in parser.format_usage() else []))  # fmt: skip
+    model_args = parser.parse_args(
+        ["--image-size", str(size)]
+        + (["--arch", arch] if "--arch" in parser.format_usage() else [])
+    )
     torch.manual_seed(seed)
     random.seed(seed)
     classes = sorted(p.name for p in (split / "train").iterdir())
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    train_tf = classic_t.Compose([classic_t.RandomResizedCrop(size),
-                                  classic_t.RandomHorizontalFlip(), classic_t.ToTensor(),
-                                  classic_t.Normalize(mean, std)])  # fmt: skip
-    eval_tf = classic_t.Compose([classic_t.Resize((size, size)), classic_t.ToTensor(),
-                                 classic_t.Normalize(mean, std)])  # fmt: skip
+    train_tf = classic_t.Compose(
+        [
+            classic_t.RandomResizedCrop(size),
+            classic_t.RandomHorizontalFlip(),
+            classic_t.ToTensor(),
+            classic_t.Normalize(mean, std),
+        ]
+    )
+    eval_tf = classic_t.Compose(
+        [classic_t.Resize((size, size)), classic_t.ToTensor(), classic_t.Normalize(mean, std)]
+    )
 
     def photos(part: str) -> list:
-        return [(Image.open(f).convert("RGB"), label) for label, name in enumerate(classes)
-                for f in sorted((split / part / name).iterdir())]  # fmt: skip
+        return [
+            (Image.open(f).convert("RGB"), label)
+            for label, name in enumerate(classes)
+            for f in sorted((split / part / name).iterdir())
+        ]
 
     class Photos(torch.utils.data.Dataset):
         def __init__(self, items, transform):
@@ -214,8 +246,12 @@ def run_classic(folder: str, split: Path, seed: int, args: argparse.Namespace) -
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
     last = accuracy(test_loader)
     model.load_state_dict(best_state)
-    return {"test_acc": accuracy(test_loader), "test_acc_last": last, "best_val_acc": best_acc,
-            "best_epoch": best_epoch}  # fmt: skip
+    return {
+        "test_acc": accuracy(test_loader),
+        "test_acc_last": last,
+        "best_val_acc": best_acc,
+        "best_epoch": best_epoch,
+    }
 
 
 def check_image_sizes(args: argparse.Namespace) -> None:
@@ -232,8 +268,10 @@ def check_image_sizes(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 model(torch.zeros(2, 3, size, size))
         except RuntimeError as e:
-            raise BenchmarkError(f"--image-size {size} is too small for {folder}'s network "
-                                 f"({' '.join(str(e).split())[:120]})") from e  # fmt: skip
+            raise BenchmarkError(
+                f"--image-size {size} is too small for {folder}'s network "
+                f"({' '.join(str(e).split())[:120]})"
+            ) from e
 
 
 def image_size(folder: str, args: argparse.Namespace) -> int:
@@ -290,14 +328,17 @@ def summarise(runs: list[dict]) -> list[dict]:
             rows.append(row)
     for row in rows:
         if row["recipe"] != "classic":
-            classic = next((c for c in rows if c["folder"] == row["folder"]
-                            and c["recipe"] == "classic"), None)  # fmt: skip
+            classic = next(
+                (c for c in rows if c["folder"] == row["folder"] and c["recipe"] == "classic"), None
+            )
             if classic:
                 folds = set(row["per_fold"]) & set(classic["per_fold"])
                 row["gain"] = row["test_acc"] - classic["test_acc"]
                 # predict.py counts in float32: 0.46 arrives as 0.45999999
-                row["folds_not_worse"] = (sum(row["per_fold"][f] >= classic["per_fold"][f] - 1e-6
-                                              for f in folds), len(folds))  # fmt: skip
+                row["folds_not_worse"] = (
+                    sum(row["per_fold"][f] >= classic["per_fold"][f] - 1e-6 for f in folds),
+                    len(folds),
+                )
     return rows
 
 
@@ -337,23 +378,45 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, default=SAMPLE,
-                        help="photos, one sub-folder per class (default: ../shared/data/"
-                        "flower_photos_sample)")  # fmt: skip
-    parser.add_argument("--folders", nargs="+", choices=list(CLASSIC), default=list(CLASSIC),
-                        help="which folders (default: all five)")  # fmt: skip
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES),
-                        help="which recipes (default: both)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SAMPLE,
+        help="photos, one sub-folder per class (default: ../shared/data/flower_photos_sample)",
+    )
+    parser.add_argument(
+        "--folders",
+        nargs="+",
+        choices=list(CLASSIC),
+        default=list(CLASSIC),
+        help="which folders (default: all five)",
+    )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=RECIPES,
+        default=list(RECIPES),
+        help="which recipes (default: both)",
+    )
     parser.add_argument("--folds", type=int, default=5, help="k of the k-fold (default: 5)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="training seeds (default: 0 1 2)")  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)"
+    )
     parser.add_argument("--epochs", type=int, default=30, help="epochs per run (default: 30)")
-    parser.add_argument("--val-ratio", type=float, default=0.1,
-                        help="share of each class of the training part kept for val "
-                        "(default: 0.1)")  # fmt: skip
-    parser.add_argument("--image-size", nargs="+", default=[], metavar="[FOLDER=]N",
-                        help="image size of both recipes: N for every folder but lenet (32 px "
-                        "only), FOLDER=N for one (default: each recipe's, 224)")  # fmt: skip
+    parser.add_argument(
+        "--val-ratio",
+        type=float,
+        default=0.1,
+        help="share of each class of the training part kept for val (default: 0.1)",
+    )
+    parser.add_argument(
+        "--image-size",
+        nargs="+",
+        default=[],
+        metavar="[FOLDER=]N",
+        help="image size of both recipes: N for every folder but lenet (32 px "
+        "only), FOLDER=N for one (default: each recipe's, 224)",
+    )
     parser.add_argument(
         "--ours-args",
         default="",
@@ -362,12 +425,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--name", default="ours", help="the row name of ours, for ablations (default: ours)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "accuracy",
-                        help="writes OUT.json and OUT.md "
-                        "(default: benchmarks/accuracy)")  # fmt: skip
-    parser.add_argument("--fresh", action="store_true",
-                        help="ignore the runs OUT.json already holds "
-                        "(default: continue them)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "accuracy",
+        help="writes OUT.json and OUT.md (default: benchmarks/accuracy)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore the runs OUT.json already holds (default: continue them)",
+    )
     return parser
 
 
@@ -377,8 +445,14 @@ def main(args: argparse.Namespace) -> None:
     photos = list_photos(data)
     folds = make_folds(photos, args.folds)
     check_image_sizes(args)
-    config = {"data": str(data), "photos": sum(map(len, photos.values())), "folds": args.folds,
-              "seeds": args.seeds, "epochs": args.epochs, "val_ratio": args.val_ratio}  # fmt: skip
+    config = {
+        "data": str(data),
+        "photos": sum(map(len, photos.values())),
+        "folds": args.folds,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "val_ratio": args.val_ratio,
+    }
     out_json = args.out.with_suffix(".json")
     runs = []
     if out_json.is_file() and not args.fresh:
@@ -394,11 +468,19 @@ def main(args: argparse.Namespace) -> None:
                 f"{r.get('ours_args')!r}: pick another --name, or --fresh"
             )
     done = {(r["folder"], r["recipe"], r["fold"], r["seed"], r["image_size"]) for r in runs}
-    report = {"command": shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
-              "machine": machine(), "config": config}  # fmt: skip
+    report = {
+        "command": shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "config": config,
+    }
 
-    plan = [(folder, recipe, fold, seed) for folder in args.folders for fold in range(args.folds)
-            for seed in args.seeds for recipe in recipes]  # fmt: skip
+    plan = [
+        (folder, recipe, fold, seed)
+        for folder in args.folders
+        for fold in range(args.folds)
+        for seed in args.seeds
+        for recipe in recipes
+    ]
     with tempfile.TemporaryDirectory(prefix="accuracy_") as tmp:
         for n, (folder, recipe, fold, seed) in enumerate(plan, 1):
             key = (folder, recipe, fold, seed, image_size(folder, args))
@@ -407,8 +489,12 @@ def main(args: argparse.Namespace) -> None:
             split = Path(tmp) / f"fold{fold}"
             if not split.exists():
                 test = folds[fold]
-                rest = {name: [f for i, part in enumerate(folds) if i != fold
-                               for f in part.get(name, [])] for name in photos}  # fmt: skip
+                rest = {
+                    name: [
+                        f for i, part in enumerate(folds) if i != fold for f in part.get(name, [])
+                    ]
+                    for name in photos
+                }
                 train, val = carve_val(rest, args.val_ratio, fold)
                 write_split(split, {"train": train, "val": val, "test": test})
             started = time.perf_counter()
@@ -420,14 +506,23 @@ def main(args: argparse.Namespace) -> None:
                 shutil.rmtree(out)
             if recipe != "classic":
                 result["ours_args"] = args.ours_args
-            result.update(folder=folder, recipe=recipe, fold=fold, seed=seed,
-                          image_size=key[4], n_test=sum(map(len, folds[fold].values())),
-                          seconds=round(time.perf_counter() - started, 1))  # fmt: skip
+            result.update(
+                folder=folder,
+                recipe=recipe,
+                fold=fold,
+                seed=seed,
+                image_size=key[4],
+                n_test=sum(map(len, folds[fold].values())),
+                seconds=round(time.perf_counter() - started, 1),
+            )
             runs.append(result)
-            print(f"[{n}/{len(plan)}] {folder} {recipe} fold {fold} seed {seed}: test acc "
-                  f"{result['test_acc']:.3f} (last epoch {result['test_acc_last']:.3f}), best "
-                  f"val {result['best_val_acc']:.3f} at epoch {result['best_epoch']}, "
-                  f"{result['seconds']:.0f} s", flush=True)  # fmt: skip
+            print(
+                f"[{n}/{len(plan)}] {folder} {recipe} fold {fold} seed {seed}: test acc "
+                f"{result['test_acc']:.3f} (last epoch {result['test_acc_last']:.3f}), best "
+                f"val {result['best_val_acc']:.3f} at epoch {result['best_epoch']}, "
+                f"{result['seconds']:.0f} s",
+                flush=True,
+            )
             report.update(runs=runs, summary=summarise(runs))
             write_report(report, args.out)
     report.update(runs=runs, summary=summarise(runs))

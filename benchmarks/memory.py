@@ -202,8 +202,12 @@ def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float, outside: int)
         else:
             low = middle
     largest = f"at least {low}" if high is None else str(low)  # the search stopped at CEILING
-    return {"peak_gib": measured, "largest_batch_under_cap": largest, "cap_gib": cap_gib,
-            "outside_allocator_gib": outside / GIB}  # fmt: skip
+    return {
+        "peak_gib": measured,
+        "largest_batch_under_cap": largest,
+        "cap_gib": cap_gib,
+        "outside_allocator_gib": outside / GIB,
+    }
 
 
 def markdown(rows: list[dict], cuda: bool) -> str:

@@ -56,9 +56,10 @@ DEFAULT_MODELS = ["lenet", "alexnet", "vgg16", "googlenet", "resnet34"]
 
 
 def load_train_py(folder: str):
-    """Import a folder's train.py with that folder's model.py as `model`."""
+    """Import a folder's train.py with that folder's model.py and utils.py."""
     sys.path.insert(0, str(ROOT / folder))
-    sys.modules.pop("model", None)  # another folder's model.py, imported before this one
+    for name in ("model", "utils"):  # another folder's, imported before this one
+        sys.modules.pop(name, None)
     try:
         spec = importlib.util.spec_from_file_location(f"{folder}_train", ROOT / folder / "train.py")
         module = importlib.util.module_from_spec(spec)
@@ -82,7 +83,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "bf16_cpu": train_py.cpu_has_fast_bf16(),
+        "bf16_cpu": train_py.utils.cpu_has_fast_bf16(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -119,8 +120,10 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     steps = args.steps or steps
     epochs = args.accuracy_epochs or epochs
     train_py = load_train_py(folder)
-    device = train_py.pick_device(args.device)
-    amp_dtype, _ = train_py.pick_amp("auto", device)
+    device = train_py.utils.pick_device(args.device)
+    amp_dtype, why = train_py.utils.pick_amp("auto", device)
+    run = train_py.utils.Run(device, amp_dtype, why)  # one process
+    workers = train_py.utils.loader_workers(None, run)
     cpus = os.cpu_count() or 1
     criterion = nn.CrossEntropyLoss()
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -137,19 +140,27 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         if arch:
             argv += ["--arch", arch]
         namespace = parser.parse_args(argv)
-        vars(namespace).update(rank=0, world_size=1, distributed=False, **overrides)
+        vars(namespace).update(overrides)
         return namespace
 
     # (a) the classic recipe
     mean, std = train_py.MEAN, train_py.STD
-    classic_train_tf = classic_t.Compose([
-        classic_t.RandomResizedCrop(size), classic_t.RandomHorizontalFlip(),
-        classic_t.ToTensor(), classic_t.Normalize(mean, std),
-    ])  # fmt: skip
-    classic_val_tf = classic_t.Compose([
-        classic_t.Resize(round(size / 0.875)), classic_t.CenterCrop(size),
-        classic_t.ToTensor(), classic_t.Normalize(mean, std),
-    ])  # fmt: skip
+    classic_train_tf = classic_t.Compose(
+        [
+            classic_t.RandomResizedCrop(size),
+            classic_t.RandomHorizontalFlip(),
+            classic_t.ToTensor(),
+            classic_t.Normalize(mean, std),
+        ]
+    )
+    classic_val_tf = classic_t.Compose(
+        [
+            classic_t.Resize(round(size / 0.875)),
+            classic_t.CenterCrop(size),
+            classic_t.ToTensor(),
+            classic_t.Normalize(mean, std),
+        ]
+    )
     classic_workers = min(cpus, batch, 8)
 
     def classic_loaders(image_size_tf=(classic_train_tf, classic_val_tf), cycled=True):
@@ -157,8 +168,10 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         val_set = datasets.ImageFolder(split / "val", image_size_tf[1])
         if cycled:
             train_set, val_set = cycle(train_set), cycle(val_set)
-        return (DataLoader(train_set, batch_size=batch, shuffle=True, num_workers=classic_workers),
-                DataLoader(val_set, batch_size=batch, num_workers=classic_workers))  # fmt: skip
+        return (
+            DataLoader(train_set, batch_size=batch, shuffle=True, num_workers=classic_workers),
+            DataLoader(val_set, batch_size=batch, num_workers=classic_workers),
+        )
 
     def classic_setup(num_classes: int):
         torch.manual_seed(0)
@@ -177,9 +190,9 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     # (b) this project's train.py path
     def ours_loaders(cache: str):
         ours_args = project_args(cache=cache)
-        train_set, val_set, _ = train_py.load_datasets(ours_args)
+        train_set, val_set, _ = train_py.load_datasets(ours_args, run, workers)
         sampler, train_loader, val_loader = train_py.build_loaders(
-            cycle(train_set), cycle(val_set), ours_args, device
+            cycle(train_set), cycle(val_set), ours_args, run, workers
         )
         sampler.set_epoch(1)
         return train_loader, val_loader
@@ -193,7 +206,8 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
         def step(images, targets):  # the body of train.py's train_one_epoch
-            images, targets = train_py.to_device(images, targets, device)
+            images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+            targets = targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss, _ = train_py.compute_loss(model(images), targets, criterion)
             optimizer.zero_grad(set_to_none=True)
@@ -223,8 +237,9 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
         torch.backends.cudnn.benchmark = tuned
         runs["ours"].append(timed_steps(ours_train, ours_step, args.warmup, steps, sync))
         runs["ours_cache"].append(timed_steps(cached_train, ours_step, args.warmup, steps, sync))
-        runs["limit"].append(timed_steps([in_memory] * (args.warmup + steps), ours_step,
-                                         args.warmup, steps, sync))  # fmt: skip
+        runs["limit"].append(
+            timed_steps([in_memory] * (args.warmup + steps), ours_step, args.warmup, steps, sync)
+        )
     train_ips = {k: statistics.median(v) for k, v in runs.items()}
 
     def eval_rate(model, loader, prepare, dtype, benchmark: bool) -> float:
@@ -243,21 +258,36 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
 
     val_ips = {
         "classic": eval_rate(classic_model, classic_val, lambda x: x.to(device), None, False),
-        "ours": eval_rate(ours_model, ours_val,
-                          lambda x: x.to(device, memory_format=torch.channels_last), amp_dtype,
-                          tuned),
-    }  # fmt: skip
+        "ours": eval_rate(
+            ours_model,
+            ours_val,
+            lambda x: x.to(device, memory_format=torch.channels_last),
+            amp_dtype,
+            tuned,
+        ),
+    }
     del classic_model, ours_model, classic_train, ours_train, cached_train
 
     # Accuracy after the same short training: the classic loop here, train.py for real.
     acc_size = 32 if size == 32 else args.accuracy_image_size
     acc_tfs = (
-        classic_t.Compose([classic_t.RandomResizedCrop(acc_size), classic_t.RandomHorizontalFlip(),
-                           classic_t.ToTensor(), classic_t.Normalize(mean, std)]),
-        classic_t.Compose([classic_t.Resize(round(acc_size / 0.875)),
-                           classic_t.CenterCrop(acc_size), classic_t.ToTensor(),
-                           classic_t.Normalize(mean, std)]),
-    )  # fmt: skip
+        classic_t.Compose(
+            [
+                classic_t.RandomResizedCrop(acc_size),
+                classic_t.RandomHorizontalFlip(),
+                classic_t.ToTensor(),
+                classic_t.Normalize(mean, std),
+            ]
+        ),
+        classic_t.Compose(
+            [
+                classic_t.Resize(round(acc_size / 0.875)),
+                classic_t.CenterCrop(acc_size),
+                classic_t.ToTensor(),
+                classic_t.Normalize(mean, std),
+            ]
+        ),
+    )
     train_loader, val_loader = classic_loaders(acc_tfs, cycled=False)
     model, step = classic_setup(num_classes)
     for _ in range(epochs):
@@ -274,9 +304,21 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
     accuracy = {"classic": correct / total}
     for label, extra in (("ours", ["--cache", "off"]), ("ours_cache", ["--cache", "on"])):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
-                   "--epochs", str(epochs), "--image-size", str(acc_size),
-                   "-b", str(batch), "--output-dir", out, *extra]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(ROOT / folder / "train.py"),
+                "--data-path",
+                str(split),
+                "--epochs",
+                str(epochs),
+                "--image-size",
+                str(acc_size),
+                "-b",
+                str(batch),
+                "--output-dir",
+                out,
+                *extra,
+            ]
             if arch:
                 cmd += ["--arch", arch]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -284,24 +326,43 @@ def bench_one(name: str, args: argparse.Namespace, split: Path) -> dict:
             accuracy[label] = float(rows[-1].split(",")[4])
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"model": name, "batch": batch, "image_size": size,
-            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-            "train_img_s": train_ips, "train_runs": runs, "val_img_s": val_ips,
-            "speedup": train_ips["ours"] / train_ips["classic"],
-            "speedup_cache": train_ips["ours_cache"] / train_ips["classic"],
-            "of_limit": train_ips["ours"] / train_ips["limit"],
-            "of_limit_cache": train_ips["ours_cache"] / train_ips["limit"],
-            "steps": steps, "accuracy": accuracy, "accuracy_epochs": epochs,
-            "accuracy_image_size": acc_size, "peak_ram_mib": peak}  # fmt: skip
+    return {
+        "model": name,
+        "batch": batch,
+        "image_size": size,
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "train_img_s": train_ips,
+        "train_runs": runs,
+        "val_img_s": val_ips,
+        "speedup": train_ips["ours"] / train_ips["classic"],
+        "speedup_cache": train_ips["ours_cache"] / train_ips["classic"],
+        "of_limit": train_ips["ours"] / train_ips["limit"],
+        "of_limit_cache": train_ips["ours_cache"] / train_ips["limit"],
+        "steps": steps,
+        "accuracy": accuracy,
+        "accuracy_epochs": epochs,
+        "accuracy_image_size": acc_size,
+        "peak_ram_mib": peak,
+    }
 
 
 def bench_predict(name: str, split: Path, work: Path) -> dict:
     """predict.py's cold start on one photo and its rate on a folder of 100."""
     folder, arch, _, size, _, _ = NETWORKS[name]
     out = work / f"ckpt_{name}"
-    cmd = [sys.executable, str(ROOT / folder / "train.py"), "--data-path", str(split),
-           "--epochs", "1", "--dry-run", "--image-size", str(size),
-           "--output-dir", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / folder / "train.py"),
+        "--data-path",
+        str(split),
+        "--epochs",
+        "1",
+        "--dry-run",
+        "--image-size",
+        str(size),
+        "--output-dir",
+        str(out),
+    ]
     if arch:
         cmd += ["--arch", arch]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -313,8 +374,14 @@ def bench_predict(name: str, split: Path, work: Path) -> dict:
             shutil.copy(
                 photos[i % len(photos)], hundred / f"{i:03d}{photos[i % len(photos)].suffix}"
             )
-    predict = [sys.executable, str(ROOT / folder / "predict.py"), "--weights",
-               str(out / "best.pth"), "--no-show", "--json"]  # fmt: skip
+    predict = [
+        sys.executable,
+        str(ROOT / folder / "predict.py"),
+        "--weights",
+        str(out / "best.pth"),
+        "--no-show",
+        "--json",
+    ]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     start = time.perf_counter()
     subprocess.run([*predict, str(photos[0])], check=True, capture_output=True, env=env)
@@ -423,14 +490,36 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         split = work / "split"
-        subprocess.run([sys.executable, str(ROOT / "split_data.py"), "--source", str(args.data),
-                        "--out", str(split)], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "split_data.py"),
+                "--source",
+                str(args.data),
+                "--out",
+                str(split),
+            ],
+            check=True,
+            capture_output=True,
+        )
         for name in args.models:
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            child = [sys.executable, __file__, "--one", name, "--split", str(split),
-                     "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                     "--device", args.device,
-                     "--accuracy-image-size", str(args.accuracy_image_size)]  # fmt: skip
+            child = [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--split",
+                str(split),
+                "--warmup",
+                str(args.warmup),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+                "--accuracy-image-size",
+                str(args.accuracy_image_size),
+            ]
             for flag in ("batch_size", "steps", "accuracy_epochs"):
                 if getattr(args, flag):
                     child += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -440,13 +529,17 @@ def main(args: argparse.Namespace) -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["predict"] = bench_predict(name, split, work)
             results.append(result)
-            print(f"  {name}: {result['speedup']:.2f}x ({result['speedup_cache']:.2f}x with "
-                  f"--cache)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"  {name}: {result['speedup']:.2f}x ({result['speedup_cache']:.2f}x with --cache)",
+                file=sys.stderr,
+                flush=True,
+            )
     table = markdown(results, info, command)
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "command": command, "results": results},
-                                    indent=2) + "\n")  # fmt: skip
+    args.json.write_text(
+        json.dumps({"machine": info, "command": command, "results": results}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,7 @@ def main() -> None:
             "--epochs",
             args.epochs,
             "--cache",
-            "--keep",
-            "best-val",  # as when the committed pictures were made
+            "on",
             "--output-dir",
             out,
         )

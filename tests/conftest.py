@@ -67,17 +67,20 @@ def load_module(path: Path, name: str | None = None):
 
 
 def load_script(family: str, script: str):
-    """Import a folder's train.py or predict.py, with that folder's model.py as `model`."""
-    model = load_module(REPO / family / "model.py", f"{family}_model")
-    saved = sys.modules.get("model")
-    sys.modules["model"] = model
+    """Import a folder's train.py, predict.py or utils.py, with that folder's model.py, utils.py
+    (and, for predict.py, train.py) as the modules it imports."""
+    names = ["model", "utils", "train"][: ["model", "utils", "train", "predict"].index(script)]
+    saved = {name: sys.modules.get(name) for name in names}
     try:
+        for name in names:
+            sys.modules[name] = load_module(REPO / family / f"{name}.py", f"{family}_{name}")
         return load_module(REPO / family / f"{script}.py", f"{family}_{script}")
     finally:
-        if saved is None:
-            del sys.modules["model"]
-        else:
-            sys.modules["model"] = saved
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> bytes:
@@ -134,8 +137,9 @@ class FakeGPU:
     """What the fake_gpu fixture reports, and what the code asked of it."""
 
     capability: tuple[int, int] = (8, 6)
-    archs: list[str] = field(default_factory=lambda: ["sm_75", "sm_80", "sm_86", "sm_90",
-                                                      "compute_90"])  # fmt: skip
+    archs: list[str] = field(
+        default_factory=lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]
+    )
     count: int = 1
     total_memory: int = 8 * 2**30
     current: int = 0
@@ -161,9 +165,16 @@ def fake_gpu(monkeypatch) -> FakeGPU:
     def properties(device=None):
         i = index("get_device_properties", device)
         name = f"Fake GPU {i}"
-        return type("Properties", (), {"name": name, "major": gpu.capability[0],
-                                       "minor": gpu.capability[1],
-                                       "total_memory": gpu.total_memory})()  # fmt: skip
+        return type(
+            "Properties",
+            (),
+            {
+                "name": name,
+                "major": gpu.capability[0],
+                "minor": gpu.capability[1],
+                "total_memory": gpu.total_memory,
+            },
+        )()
 
     def set_device(device) -> None:
         if (i := _get_device_index(device)) >= 0:  # as torch.cuda.set_device: no index, no run
@@ -197,14 +208,23 @@ def fake_gpu(monkeypatch) -> FakeGPU:
     monkeypatch.setattr(cuda, "current_device", lambda: gpu.current)
     monkeypatch.setattr(cuda, "get_arch_list", lambda: gpu.archs)
     monkeypatch.setattr(cuda, "get_device_properties", properties)
-    monkeypatch.setattr(cuda, "get_device_capability", lambda d=None: gpu.capability
-                        if index("get_device_capability", d) >= 0 else None)  # fmt: skip
+    monkeypatch.setattr(
+        cuda,
+        "get_device_capability",
+        lambda d=None: gpu.capability if index("get_device_capability", d) >= 0 else None,
+    )
     monkeypatch.setattr(cuda, "get_device_name", lambda d=None: properties(d).name)
     monkeypatch.setattr(cuda, "set_device", set_device)
     monkeypatch.setattr(cuda, "set_per_process_memory_fraction", set_per_process_memory_fraction)
     monkeypatch.setattr(cuda, "mem_get_info", mem_get_info)
-    for name in ("reset_peak_memory_stats", "max_memory_allocated", "max_memory_reserved",
-                 "memory_reserved", "synchronize", "empty_cache"):  # fmt: skip
+    for name in (
+        "reset_peak_memory_stats",
+        "max_memory_allocated",
+        "max_memory_reserved",
+        "memory_reserved",
+        "synchronize",
+        "empty_cache",
+    ):
         monkeypatch.setattr(cuda, name, counter(name))
     monkeypatch.setattr(cuda, "_lazy_init", lazy_init)
     monkeypatch.setattr(torch.backends.mps, "is_available", answer(False))

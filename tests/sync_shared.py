@@ -1,18 +1,15 @@
-"""Copy the shared definitions of resnet/train.py and resnet/predict.py to the other folders.
+"""Copy resnet/'s utils.py, and the shared definitions of its train.py and predict.py, to the
+other four folders.
 
-    $ python tests/sync_shared.py           # after editing a shared function in resnet/
+    $ python tests/sync_shared.py           # after editing shared code in resnet/
     $ python tests/sync_shared.py --check   # list what differs, change nothing (exit 1 if any)
 
 The five folders repeat their shared code on purpose (copy one folder and it still runs), and
-the tests hold the copies identical. Edit the shared parts in resnet/, then run this script: each
-shared top-level function or class (and the `if __name__ == "__main__":` block) is replaced in
-the other four files by resnet's text, and a shared definition that a file lacks is inserted
-after the one that precedes it in resnet's file. A few definitions of predict.py are train.py's
-own (FROM_TRAIN: reading images, drawing the confusion matrix, which GPUs the build runs on,
-Ctrl-C kept and its quiet exit), so that both scripts see, draw and stop alike: those come from
-resnet/train.py into every predict.py, resnet's included.
-Family-specific definitions and the import block are never touched: add a new import by hand
-(ruff names a missing one).
+the tests hold the copies identical. utils.py is copied whole. In train.py and predict.py each
+shared top-level function or class (and the `if __name__ == "__main__":` block) is replaced by
+resnet's text, and a shared definition that a file lacks is inserted after the one that
+precedes it in resnet's file. Family-specific definitions, module constants and the import
+block are never touched: add a new import by hand (ruff names a missing one).
 """
 
 import argparse
@@ -33,8 +30,6 @@ FAMILY_SPECIFIC = {
 RENAMED = {("lenet", "train.py"): {"load_datasets": "load_image_folders"}}
 OWN = {("lenet", "train.py"): {"load_datasets"}}
 MAIN_BLOCK = "__main__"
-# predict.py definitions whose text is resnet/train.py's.
-FROM_TRAIN = {"open_rgb", "confusion_figure", "cuda_problem", "keep_ctrl_c", "exit_interrupted"}
 
 
 def top_level(source: str) -> dict[str, tuple[int, int]]:
@@ -68,8 +63,7 @@ def synced(family: str, script: str) -> str:
     previous = None
     for name in shared_names(script):
         own_name = renamed.get(name, name)
-        origin = "train.py" if script == "predict.py" and name in FROM_TRAIN else script
-        new = definition_text(sources[origin], ref_spans[origin][name])
+        new = definition_text(sources[script], ref_spans[script][name])
         if own_name != name:
             new[0] = new[0].replace(f"def {name}(", f"def {own_name}(", 1)
         lines = text.splitlines(keepends=True)
@@ -123,6 +117,12 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only report (default: rewrite)")
     args = parser.parse_args()
     stale = []
+    for family in (f for f in FAMILIES if f != REFERENCE):  # utils.py: byte for byte
+        path = REPO / family / "utils.py"
+        if not path.is_file() or path.read_bytes() != (REPO / REFERENCE / "utils.py").read_bytes():
+            stale.append(path.relative_to(REPO))
+            if not args.check:
+                path.write_bytes((REPO / REFERENCE / "utils.py").read_bytes())
     for script in FAMILY_SPECIFIC:
         for family in FAMILIES:
             if family == REFERENCE and script == "train.py":
@@ -133,7 +133,7 @@ def main() -> int:
                 stale.append(path.relative_to(REPO))
                 if not args.check:
                     path.write_text(new)
-    verb = "differ from resnet/train.py or resnet/predict.py" if args.check else "updated"
+    verb = "differ from resnet's" if args.check else "updated"
     for path in stale:
         print(f"{path}: {verb}")
     if not stale:

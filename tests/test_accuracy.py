@@ -50,14 +50,28 @@ def test_val_is_carved_from_the_training_part_with_every_class():
 
 def test_summary_pools_the_folds_of_a_seed_and_compares_fold_by_fold():
     def run(recipe, fold, seed, acc, n):
-        return {"folder": "lenet", "recipe": recipe, "fold": fold, "seed": seed, "n_test": n,
-                "test_acc": acc, "test_acc_last": acc / 2, "best_val_acc": 0.5,
-                "image_size": 32}  # fmt: skip
+        return {
+            "folder": "lenet",
+            "recipe": recipe,
+            "fold": fold,
+            "seed": seed,
+            "n_test": n,
+            "test_acc": acc,
+            "test_acc_last": acc / 2,
+            "best_val_acc": 0.5,
+            "image_size": 32,
+        }
 
-    runs = [run("classic", 0, 0, 0.5, 10), run("classic", 1, 0, 0.2, 5),
-            run("classic", 0, 1, 0.3, 10), run("classic", 1, 1, 0.6, 5),
-            run("ours", 0, 0, 0.6, 10), run("ours", 1, 0, 0.4, 5),
-            run("ours", 0, 1, 0.4, 10), run("ours", 1, 1, 0.2, 5)]  # fmt: skip
+    runs = [
+        run("classic", 0, 0, 0.5, 10),
+        run("classic", 1, 0, 0.2, 5),
+        run("classic", 0, 1, 0.3, 10),
+        run("classic", 1, 1, 0.6, 5),
+        run("ours", 0, 0, 0.6, 10),
+        run("ours", 1, 0, 0.4, 5),
+        run("ours", 0, 1, 0.4, 10),
+        run("ours", 1, 1, 0.2, 5),
+    ]
     classic, ours = accuracy.summarise(runs)
     # classic: seed 0 (5 + 1) / 15 = 0.4, seed 1 (3 + 3) / 15 = 0.4; ours: 8/15 and 5/15.
     assert classic["test_acc"] == pytest.approx(0.4) and classic["test_acc_std"] == 0
@@ -81,14 +95,30 @@ def test_image_sizes_are_per_folder_and_lenet_stays_at_32():
 def test_a_small_run_scores_both_recipes_on_held_out_photos_and_continues(tmp_path):
     photo_folder(tmp_path / "photos", {"a": 4, "b": 4})
     out = tmp_path / "result"
-    argv = ["--data", tmp_path / "photos", "--folders", "lenet", "--folds", "2", "--seeds", "0",
-            "--epochs", "1", "--out", out]  # fmt: skip
+    argv = [
+        "--data",
+        tmp_path / "photos",
+        "--folders",
+        "lenet",
+        "--folds",
+        "2",
+        "--seeds",
+        "0",
+        "--epochs",
+        "1",
+        "--out",
+        out,
+    ]
     result = run_script(REPO / "benchmarks" / "accuracy.py", *argv)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.with_suffix(".json").read_text())
     runs = report["runs"]
     assert sorted((r["recipe"], r["fold"]) for r in runs) == [
-        ("classic", 0), ("classic", 1), ("ours", 0), ("ours", 1)]  # fmt: skip
+        ("classic", 0),
+        ("classic", 1),
+        ("ours", 0),
+        ("ours", 1),
+    ]
     for r in runs:  # 2 of each class per fold; accuracies are whole photos out of 4
         assert r["n_test"] == 4 and r["test_acc"] * 4 == pytest.approx(round(r["test_acc"] * 4))
     assert [r["kept_epoch"] for r in runs if r["recipe"] == "ours"] == [1, 1]
@@ -113,9 +143,19 @@ def test_each_folder_trains_its_own_model_py_after_another_was_loaded():
 
 def test_an_image_size_a_network_cannot_take_is_refused_before_any_run(tmp_path):
     photo_folder(tmp_path / "photos", {"a": 2, "b": 2})
-    result = run_script(REPO / "benchmarks" / "accuracy.py", "--data", tmp_path / "photos",
-                        "--folders", "googlenet", "--folds", "2", "--image-size", "64",
-                        "--out", tmp_path / "result")  # fmt: skip
+    result = run_script(
+        REPO / "benchmarks" / "accuracy.py",
+        "--data",
+        tmp_path / "photos",
+        "--folders",
+        "googlenet",
+        "--folds",
+        "2",
+        "--image-size",
+        "64",
+        "--out",
+        tmp_path / "result",
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--image-size 64 is too small for googlenet" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "result.json").exists()

@@ -46,8 +46,16 @@ def three_way(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def resnet_run(three_way, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resnet_run")
-    trained = run("resnet/train.py", "--data-path", three_way, "--epochs", "2",
-                  "--output-dir", out, *SMALL["resnet"])  # fmt: skip
+    trained = run(
+        "resnet/train.py",
+        "--data-path",
+        three_way,
+        "--epochs",
+        "2",
+        "--output-dir",
+        out,
+        *SMALL["resnet"],
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     return out
 
@@ -66,8 +74,10 @@ def test_test_ratio_adds_a_stratified_deterministic_test_folder(three_way, tmp_p
     assert sum(map(len, subsets.values())) == 150
 
     again = tmp_path / "again"
-    assert run("split_data.py", "--source", SAMPLE, "--out", again,
-               "--test-ratio", "0.1").returncode == 0  # fmt: skip
+    assert (
+        run("split_data.py", "--source", SAMPLE, "--out", again, "--test-ratio", "0.1").returncode
+        == 0
+    )
     assert files_of(again / "test") == subsets["test"]
     # val is the one the classic 9:1 split makes: a test split only takes from train.
     classic = tmp_path / "classic"
@@ -86,8 +96,15 @@ def test_a_test_ratio_that_leaves_nothing_is_refused(tmp_path):
         for i in range(10):
             (tmp_path / "src" / name / f"{i}.jpg").write_bytes(jpeg_bytes(c * 10 + i))
     for ratio, needle in (("0.05", "none would go to test"), ("0.95", "--test-ratio")):
-        result = run("split_data.py", "--source", tmp_path / "src", "--out", tmp_path / "out",
-                     "--test-ratio", ratio)  # fmt: skip
+        result = run(
+            "split_data.py",
+            "--source",
+            tmp_path / "src",
+            "--out",
+            tmp_path / "out",
+            "--test-ratio",
+            ratio,
+        )
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert needle in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out").exists()
@@ -98,13 +115,28 @@ def test_a_test_ratio_that_leaves_nothing_is_refused(tmp_path):
 
 @needs_sample
 def test_eval_gives_the_numbers_of_train_test_only(three_way, resnet_run):
-    checked = run("resnet/train.py", "--data-path", three_way, "--output-dir", resnet_run,
-                  "--test-only", "--amp", "off", *SMALL["resnet"])  # fmt: skip
+    checked = run(
+        "resnet/train.py",
+        "--data-path",
+        three_way,
+        "--output-dir",
+        resnet_run,
+        "--test-only",
+        "--amp",
+        "off",
+        *SMALL["resnet"],
+    )
     assert checked.returncode == 0, checked.stderr[-2000:]
     test_only = float(re.search(r"val_acc ([\d.]+)", checked.stdout).group(1))
 
-    result = run("resnet/predict.py", three_way / "val", "--eval", "--json",
-                 "--weights", resnet_run / "best.pth")  # fmt: skip
+    result = run(
+        "resnet/predict.py",
+        three_way / "val",
+        "--eval",
+        "--json",
+        "--weights",
+        resnet_run / "best.pth",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads(result.stdout)
     assert scores["images"] == 15
@@ -116,9 +148,11 @@ def test_eval_gives_the_numbers_of_train_test_only(three_way, resnet_run):
     assert probabilities == sorted(probabilities, reverse=True)
 
     out = resnet_run / "eval_val"
-    assert [Path(p) for p in scores["outputs"]] == [out / "confusion_matrix.png",
-                                                    out / "confusion_matrix.csv",
-                                                    out / "misclassified.png"]  # fmt: skip
+    assert [Path(p) for p in scores["outputs"]] == [
+        out / "confusion_matrix.png",
+        out / "confusion_matrix.csv",
+        out / "misclassified.png",
+    ]
     with open(out / "confusion_matrix.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0][1:] == list(scores["classes"]) and [r[0] for r in rows[1:]] == rows[0][1:]
@@ -129,14 +163,24 @@ def test_eval_gives_the_numbers_of_train_test_only(three_way, resnet_run):
 
 @needs_sample
 def test_eval_on_the_test_folder_prints_the_table(three_way, resnet_run, tmp_path):
-    result = run("resnet/predict.py", three_way / "test", "--eval", "--topk", "2",
-                 "--weights", resnet_run / "best.pth", "--save", tmp_path / "report")  # fmt: skip
+    result = run(
+        "resnet/predict.py",
+        three_way / "test",
+        "--eval",
+        "--topk",
+        "2",
+        "--weights",
+        resnet_run / "best.pth",
+        "--save",
+        tmp_path / "report",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert re.match(r".*test: 15 images, accuracy [\d.]+, top-2 accuracy [\d.]+$", lines[0])
     assert lines[1].split() == ["class", "precision", "recall", "f1", "support"]
-    assert [line.split()[0] for line in lines[2:7]] == sorted(p.name for p in SAMPLE.iterdir()
-                                                             if p.is_dir())  # fmt: skip
+    assert [line.split()[0] for line in lines[2:7]] == sorted(
+        p.name for p in SAMPLE.iterdir() if p.is_dir()
+    )
     assert (tmp_path / "report" / "misclassified.png").is_file()
 
 
@@ -146,14 +190,13 @@ def test_score_computes_precision_recall_and_f1():
     # true a a a b b c ; predicted a a b b c c (probabilities chosen to rank the mistakes)
     truth, said = [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 2]
     confidence = [0.9, 0.8, 0.6, 0.7, 0.95, 0.5]
-    results, labels = [], {}
+    probabilities = torch.zeros(6, 3)
     for i, (t, p, c) in enumerate(zip(truth, said, confidence, strict=True)):
-        probabilities = torch.full((3,), (1 - c) * 0.3)
-        probabilities[t] = (1 - c) * 0.7  # the truth is the runner-up of every mistake
-        probabilities[p] = c
-        results.append(((Path(f"{i}.jpg"), None), probabilities))
-        labels[Path(f"{i}.jpg")] = t
-    scores = predict_py.score(results, labels, classes, k=2)
+        probabilities[i] = (1 - c) * 0.3
+        probabilities[i, t] = (1 - c) * 0.7  # the truth is the runner-up of every mistake
+        probabilities[i, p] = c
+    files, labels = [Path(f"{i}.jpg") for i in range(6)], torch.tensor(truth)
+    scores = predict_py.score(files, labels, probabilities, classes, k=2)
     assert scores["accuracy"] == pytest.approx(4 / 6)
     assert scores["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     a, b, c = (scores["classes"][n] for n in classes)
@@ -162,13 +205,25 @@ def test_score_computes_precision_recall_and_f1():
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert [m["file"] for m in scores["misclassified"]] == ["4.jpg", "2.jpg"]
     assert scores["top_k_accuracy"] == pytest.approx(1.0)
-    assert predict_py.score(results, labels, classes, k=1)["top_k_accuracy"] == pytest.approx(4 / 6)
+    top_1 = predict_py.score(files, labels, probabilities, classes, k=1)["top_k_accuracy"]
+    assert top_1 == pytest.approx(4 / 6)
 
 
 def test_eval_names_bad_folders_and_files_and_scores_the_rest(tiny, tmp_path):
     out = tmp_path / "run"
-    trained = run("lenet/train.py", "--data-path", tiny, "--epochs", "1", "--output-dir", out,
-                  "--image-size", "32", "--workers", "0")  # fmt: skip
+    trained = run(
+        "lenet/train.py",
+        "--data-path",
+        tiny,
+        "--epochs",
+        "1",
+        "--output-dir",
+        out,
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     weights = ["--weights", out / "best.pth"]
 
@@ -232,9 +287,11 @@ def test_grad_cam_runs_on_every_network_of_the_folder(family):
     model_py = load_module(REPO / family / "model.py", f"{family}_model_cam")
     size = int(SMALL[family][-1])
     archs = list(model_py.ARCHS) if hasattr(model_py, "ARCHS") else [None]
-    builders = {"lenet": lambda: model_py.LeNet(num_classes=3),
-                "alexnet": lambda: model_py.AlexNet(num_classes=3),
-                "googlenet": lambda: model_py.GoogLeNet(3, aux_logits=False)}  # fmt: skip
+    builders = {
+        "lenet": lambda: model_py.LeNet(num_classes=3),
+        "alexnet": lambda: model_py.AlexNet(num_classes=3),
+        "googlenet": lambda: model_py.GoogLeNet(3, aux_logits=False),
+    }
     for arch in archs:
         model = builders[family]() if arch is None else model_py.ARCHS[arch](num_classes=3)
         model = model.eval().to(memory_format=torch.channels_last)
@@ -247,17 +304,41 @@ def test_grad_cam_runs_on_every_network_of_the_folder(family):
 
 def test_predict_cam_draws_the_overlay_and_names_the_layer(tiny, tmp_path):
     out = tmp_path / "run"
-    trained = run("lenet/train.py", "--data-path", tiny, "--epochs", "1", "--output-dir", out,
-                  "--image-size", "32", "--workers", "0")  # fmt: skip
+    trained = run(
+        "lenet/train.py",
+        "--data-path",
+        tiny,
+        "--epochs",
+        "1",
+        "--output-dir",
+        out,
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     weights = ["--weights", out / "best.pth", "--no-show"]
-    one = run("lenet/predict.py", tiny / "val" / "a" / "0.jpg", "--cam", *weights,
-              "--save", tmp_path / "one.png")  # fmt: skip
+    one = run(
+        "lenet/predict.py",
+        tiny / "val" / "a" / "0.jpg",
+        "--cam",
+        *weights,
+        "--save",
+        tmp_path / "one.png",
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     assert "Grad-CAM at layer conv2" in one.stdout
     assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
-    several = run("lenet/predict.py", tiny / "val", "--cam-class", "b", *weights,
-                  "--save", tmp_path / "grid.png")  # fmt: skip
+    several = run(
+        "lenet/predict.py",
+        tiny / "val",
+        "--cam-class",
+        "b",
+        *weights,
+        "--save",
+        tmp_path / "grid.png",
+    )
     assert several.returncode == 0, several.stderr[-2000:]
     assert (tmp_path / "grid.png").is_file()
     wrong = run("lenet/predict.py", tiny / "val", "--cam-class", "zebra", *weights)

@@ -53,8 +53,9 @@ def small_disk(path: Path, size: str, read_only: bool = False):
         pytest.skip("mounting a small tmpfs (a disk that fills up) needs root on Linux")
     path.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                             capture_output=True, text=True)  # fmt: skip
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
     try:
@@ -71,8 +72,9 @@ def fill(disk: Path, leave: int) -> None:
 
 
 def split_files(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+    }
 
 
 # --- split_data.py ---------------------------------------------------------------------------
@@ -93,8 +95,9 @@ def first_split(photos, tmp_path) -> Path:
 
 def test_a_ratio_that_leaves_train_empty_is_refused_and_the_split_survives(photos, first_split):
     before = split_files(first_split)
-    result = run("split_data.py", "--source", photos, "--out", first_split,
-                 "--val-ratio", "0.99999999999")  # fmt: skip
+    result = run(
+        "split_data.py", "--source", photos, "--out", first_split, "--val-ratio", "0.99999999999"
+    )
     assert_one_line_error(result, "split_data.py", "none would go to train", "--val-ratio")
     assert split_files(first_split) == before
     assert not no_temporary_files(first_split.parent)
@@ -136,8 +139,11 @@ def test_out_equal_to_or_inside_the_source_is_refused(photos):
 def test_out_that_cannot_be_a_folder_is_one_line(photos, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for out, needle in ((a_file, "is a file"), (a_file / "under", "cannot be created"),
-                        (Path("/proc/no_such_folder"), "cannot be created")):  # fmt: skip
+    for out, needle in (
+        (a_file, "is a file"),
+        (a_file / "under", "cannot be created"),
+        (Path("/proc/no_such_folder"), "cannot be created"),
+    ):
         result = run("split_data.py", "--source", photos, "--out", out)
         assert_one_line_error(result, "split_data.py", str(out), needle)
 
@@ -162,23 +168,13 @@ def test_disk_full_during_a_resplit_keeps_the_previous_split(tmp_path):
 # --- train.py: the data ----------------------------------------------------------------------
 
 
-def test_symbolic_links_to_folders_inside_a_split_are_refused(tiny, tmp_path):
-    (tiny / "train" / "a" / "loop").symlink_to(".")
-    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET)
-    assert_one_line_error(result, "lenet/train.py", "loop", "symbolic link")
-    (tiny / "train" / "a" / "loop").unlink()
-    (tiny / "val" / "a" / "up").symlink_to("..")
-    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET)
-    assert_one_line_error(result, "lenet/train.py", "up", "symbolic link")
-    assert not (tmp_path / "o" / "last.pth").exists()
-
-
 def test_a_one_class_dataset_is_refused(tmp_path):
     for split in ("train", "val"):
         make_image_folder(tmp_path / "one" / split, classes=("only",), per_class=4)
-    result = run("lenet/train.py", "--data-path", tmp_path / "one",
-                 "--output-dir", tmp_path / "o", *LENET)  # fmt: skip
-    assert_one_line_error(result, "lenet/train.py", "one class", "at least two")
+    result = run(
+        "lenet/train.py", "--data-path", tmp_path / "one", "--output-dir", tmp_path / "o", *LENET
+    )
+    assert_one_line_error(result, "lenet/train.py", "two or more class folders", "['only']")
 
 
 def test_an_empty_class_folder_in_val_says_it_is_val(tiny, tmp_path):
@@ -202,8 +198,9 @@ def test_an_empty_class_folder_in_val_says_it_is_val(tiny, tmp_path):
     ],
 )
 def test_impossible_numbers_and_devices_are_one_line(tiny, tmp_path, flags, needle):
-    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o",
-                 *LENET, *flags)  # fmt: skip
+    result = run(
+        "lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET, *flags
+    )
     assert_one_line_error(result, "lenet/train.py", needle)
 
 
@@ -228,43 +225,51 @@ def test_a_read_only_output_dir_is_refused_before_training(tiny, tmp_path):
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    train_py = load_script("lenet", "train")
+    utils = load_script("lenet", "utils")
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        path = disk / "metrics.csv"
+        path.write_text("the previous epochs\n")
+        fill(disk, leave=0)
+
+        def plain_write(f):
+            f.write(b"the new metrics" * 1000)
+
+        def like_torch_save(f):  # torch.save reports its file's failed write as a RuntimeError
+            try:
+                plain_write(f)
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+        for writer in (plain_write, like_torch_save):
+            with pytest.raises(utils.UserError, match=f"no space left on {disk}"):
+                utils.write_file(path, writer)
+            assert path.read_text() == "the previous epochs\n"
+            assert not no_temporary_files(disk)
     path = tmp_path / "metrics.csv"
-    path.write_text("the previous epochs\n")
-
-    def fills_the_disk(f):
-        f.write(b"half of the new ")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def like_torch_save(f):  # torch.save raises a RuntimeError with the OSError as context
-        try:
-            fills_the_disk(f)
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos") from None
-
-    for writer in (fills_the_disk, like_torch_save):
-        with pytest.raises(train_py.TrainingError, match=f"no space left on {tmp_path}"):
-            train_py.write_file(path, writer)
-        assert path.read_text() == "the previous epochs\n"
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 
     def read_only(f):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    with pytest.raises(train_py.TrainingError, match="cannot write .*Read-only file system"):
-        train_py.write_file(path, read_only)
+    with pytest.raises(utils.UserError, match="cannot write .*Read-only file system"):
+        utils.write_file(path, read_only)
+
+    def a_bug(f):  # not a failed write: a traceback, as for any other bug
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        utils.write_file(path, a_bug)
 
 
 def test_disk_full_while_writing_metrics_keeps_the_old_ones(tmp_path):
-    train_py = load_script("lenet", "train")
-    row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5,
-           "lr": 1e-3, "seconds": 1.0, "img_s": 10.0}  # fmt: skip
+    utils = load_script("lenet", "utils")
+    row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5}
+    row |= {"lr": 1e-3, "seconds": 1.0, "img_s": 10.0, "data_wait": 0.1}
     with small_disk(tmp_path / "disk", "1m") as disk:
-        train_py.write_metrics([row], disk)
+        utils.log_epoch([row], 2, disk)
         before = (disk / "metrics.csv").read_text()
         fill(disk, leave=0)
-        with pytest.raises(train_py.TrainingError, match="no space left"):
-            train_py.write_metrics([row, {**row, "epoch": 2}] * 2000, disk)
+        with pytest.raises(utils.UserError, match="no space left"):
+            utils.log_epoch([row, {**row, "epoch": 2}] * 2000, 2, disk)
         assert (disk / "metrics.csv").read_text() == before
         assert not no_temporary_files(disk)
 
@@ -274,8 +279,9 @@ def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_last_epoch(ti
     # the next one's temporary last.pth no longer fits beside it.
     with small_disk(tmp_path / "disk", "3m") as disk:
         out = disk / "run"
-        result = run("lenet/train.py", "--data-path", tiny, "--output-dir", out,
-                     *LENET[:1], "3", *LENET[2:])  # fmt: skip
+        result = run(
+            "lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET[:1], "3", *LENET[2:]
+        )
         last = assert_one_line_error(result, "lenet/train.py", "no space left on", "epoch 1")
         assert "--resume" in last
         saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -293,8 +299,19 @@ def test_resume_with_no_epoch_left_or_a_changed_recipe_says_so(tiny, tmp_path):
     nothing = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET, "--resume")
     assert_one_line_error(nothing, "lenet/train.py", "already trained 1 epoch", "--epochs")
 
-    more = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET[2:],
-               "--epochs", "2", "--lr", "0.5", "--resume")  # fmt: skip
+    more = run(
+        "lenet/train.py",
+        "--data-path",
+        tiny,
+        "--output-dir",
+        out,
+        *LENET[2:],
+        "--epochs",
+        "2",
+        "--lr",
+        "0.5",
+        "--resume",
+    )
     assert more.returncode == 0, more.stderr[-2000:]
     assert "--lr 0.5 is ignored" in more.stdout
     saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -309,12 +326,31 @@ def ctrl_c_as_in_a_terminal() -> None:
 
 @pytest.mark.parametrize("wait", [0.0, 1.0])  # in the setup, or into the first epoch
 def test_ctrl_c_before_the_first_saved_epoch_exits_130(flowers, tmp_path, wait):
-    cmd = [sys.executable, str(REPO / "resnet" / "train.py"), "--data-path", str(flowers),
-           "--arch", "resnet18", "--image-size", "64", "-b", "8", "--workers", "0",
-           "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "resnet" / "train.py"),
+        "--data-path",
+        str(flowers),
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "64",
+        "-b",
+        "8",
+        "--workers",
+        "0",
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=ctrl_c_as_in_a_terminal,
+    )
     for line in proc.stdout:  # the start line: training begins right after it
         if "classes" in line:
             break
@@ -369,14 +405,28 @@ def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, 
     path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
     env = {"PYTHONPATH": path}
     runs = {
-        "lenet/train.py": run("lenet/train.py", "--data-path", tiny, *LENET, "--output-dir",
-                              tmp_path / "again", env=env),
-        "lenet/predict.py": run("lenet/predict.py", tiny / "val", "--weights",
-                                tmp_path / "run" / "best.pth", "--no-show", env=env),
-    }  # fmt: skip
+        "lenet/train.py": run(
+            "lenet/train.py",
+            "--data-path",
+            tiny,
+            *LENET,
+            "--output-dir",
+            tmp_path / "again",
+            env=env,
+        ),
+        "lenet/predict.py": run(
+            "lenet/predict.py",
+            tiny / "val",
+            "--weights",
+            tmp_path / "run" / "best.pth",
+            "--no-show",
+            env=env,
+        ),
+    }
     if where == "constructor":  # split_data.py's first bar is cleaned up as its work ends
-        runs["split_data.py"] = run("split_data.py", "--source", tiny / "train", "--out",
-                                    tmp_path / "split", env=env)  # fmt: skip
+        runs["split_data.py"] = run(
+            "split_data.py", "--source", tiny / "train", "--out", tmp_path / "split", env=env
+        )
     for script, result in runs.items():
         assert result.returncode == 130, f"{script}: {result.stderr[-2000:]}"
         assert "Traceback" not in result.stderr, f"{script}: {result.stderr[-2000:]}"
@@ -390,11 +440,11 @@ def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, 
 def test_large_photos_are_accepted_as_pillow_accepts_them(tiny, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (10_000, 10_000), (200, 40, 40)).save(big)  # 100 MP: Pillow only warns
-    train_py = load_script("lenet", "train")
-    assert train_py.load_image(str(big)).size == (10_000, 10_000)
+    utils = load_script("lenet", "utils")
+    assert utils.load_image(str(big)).size == (10_000, 10_000)
     jpeg = tmp_path / "big.jpg"
     Image.new("RGB", (4000, 3000), (40, 200, 40)).save(jpeg, quality=80)
-    drafted = train_py.load_image(str(jpeg), draft=512)
+    drafted = utils.load_image(str(jpeg), draft=512)
     assert 512 <= min(drafted.size) < 3000  # decoded at a reduced scale, still large enough
 
     run_dir = tmp_path / "run"
@@ -444,49 +494,60 @@ def test_predict_save_paths(tiny, tmp_path):
 def test_class_names_without_a_font_warn_once_at_most(tmp_path):
     for split, n in (("train", 4), ("val", 2)):
         make_image_folder(tmp_path / "zh" / split, classes=("雏菊", "蒲公英", "玫瑰"), per_class=n)
-    result = run("lenet/train.py", "--data-path", tmp_path / "zh",
-                 "--output-dir", tmp_path / "o", *LENET)  # fmt: skip
+    result = run(
+        "lenet/train.py", "--data-path", tmp_path / "zh", "--output-dir", tmp_path / "o", *LENET
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Glyph" not in result.stderr
     assert result.stderr.count("note: no installed font") <= 1
     assert (tmp_path / "o" / "confusion_matrix.png").is_file()
 
 
-def test_a_font_that_has_the_characters_becomes_the_fallback(monkeypatch):
-    from matplotlib import rcParams
+def test_an_installed_cjk_font_becomes_the_fallback(monkeypatch, capsys):
+    from matplotlib import font_manager, rcParams
 
     monkeypatch.setitem(rcParams, "font.family", rcParams["font.family"])
-    train_py = load_script("lenet", "train")
-    # U+210A (script small g) is in matplotlib's STIX fonts and not in DejaVu Sans.
-    train_py.use_fonts_for(["\u210a-flowers"])
-    assert rcParams["font.family"] == ["DejaVu Sans", "STIXGeneral"]
-    monkeypatch.setitem(rcParams, "font.family", ["sans-serif"])
-    train_py.use_fonts_for(["daisy", "tulips"])  # nothing missing: nothing changes
-    assert rcParams["font.family"] == ["sans-serif"]
+    utils = load_script("lenet", "utils")
+    fonts = font_manager.fontManager.ttflist
+    cjk = font_manager.FontEntry(fname=fonts[0].fname, name="Noto Sans CJK SC")
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", [*fonts, cjk])
+    utils.use_fonts_for(["雏菊", "玫瑰"])
+    assert rcParams["font.family"] == ["DejaVu Sans", "Noto Sans CJK SC"]
+    assert capsys.readouterr().err == ""  # drawn: nothing to say
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", fonts)
+    utils.use_fonts_for(["雏菊", "玫瑰"])
+    assert rcParams["font.family"] == ["DejaVu Sans"]
+    assert capsys.readouterr().err.startswith("note: no installed font has the characters 玫瑰菊雏")
 
 
 # --- the copy script -------------------------------------------------------------------------
 
 
 def test_sync_shared_copies_resnets_shared_code_to_the_other_folders(tmp_path):
-    for name in ("tests/sync_shared.py", *(f"{f}/{s}" for f in ("lenet", "alexnet", "vgg",
-                 "googlenet", "resnet") for s in ("train.py", "predict.py"))):  # fmt: skip
+    families = ("lenet", "alexnet", "vgg", "googlenet", "resnet")
+    scripts = ("train.py", "predict.py", "utils.py")
+    for name in ("tests/sync_shared.py", *(f"{f}/{s}" for f in families for s in scripts)):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
     script = tmp_path / "tests" / "sync_shared.py"
     resnet = tmp_path / "resnet" / "train.py"
     text = resnet.read_text()
     text = text.replace('    """Loss and accuracy of the main head', '    """Changed: loss', 1)
-    text = text.replace("def save_checkpoint(", "def new_helper() -> int:\n    return 1\n\n\n"
-                        "def save_checkpoint(", 1)  # fmt: skip
+    text = text.replace(
+        "def save_epoch(", "def new_helper() -> int:\n    return 1\n\n\ndef save_epoch(", 1
+    )
     resnet.write_text(text)
     stale = tmp_path / "alexnet" / "predict.py"  # a shared definition resnet/ no longer has
-    stale.write_text(stale.read_text().replace("def top_k(", "def old_helper():\n    pass\n\n\n"
-                                               "def top_k(", 1))  # fmt: skip
+    old = "def old_helper():\n    pass\n\n\ndef score("
+    stale.write_text(stale.read_text().replace("def score(", old, 1))
+    (tmp_path / "resnet" / "utils.py").write_text(
+        (REPO / "resnet/utils.py").read_text() + "# new\n"
+    )
 
     check = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert check.returncode == 1
     assert "lenet/train.py" in check.stdout and "alexnet/predict.py" in check.stdout
+    assert "googlenet/utils.py" in check.stdout
     assert "vgg/predict.py" not in check.stdout
     subprocess.run([sys.executable, script], check=True, capture_output=True)
     again = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
@@ -494,8 +555,9 @@ def test_sync_shared_copies_resnets_shared_code_to_the_other_folders(tmp_path):
     for family in ("lenet", "alexnet", "vgg", "googlenet"):
         synced = (tmp_path / family / "train.py").read_text()
         assert '"""Changed: loss' in synced and "def new_helper() -> int:" in synced
-        assert synced.index("def new_helper") < synced.index("def save_checkpoint")
+        assert synced.index("def new_helper") < synced.index("def save_epoch")
+        assert (tmp_path / family / "utils.py").read_text().endswith("# new\n")
         assert f'FAMILY = "{family}"' in synced  # the folder's own parts stay its own
     assert "def load_image_folders(" in (tmp_path / "lenet" / "train.py").read_text()
     assert "def load_datasets(" in (tmp_path / "lenet" / "train.py").read_text()  # lenet's own
-    assert "old_helper" not in stale.read_text() and "def top_k(" in stale.read_text()
+    assert "old_helper" not in stale.read_text() and "def score(" in stale.read_text()

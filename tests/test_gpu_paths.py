@@ -4,6 +4,7 @@ under a fake GPU that checks every CUDA call as torch does (conftest.fake_gpu)."
 import argparse
 import runpy
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -38,8 +39,9 @@ def weights(path):
 
 @needs_sample
 @pytest.mark.parametrize("cache", ["on", "off"])
-def test_accumulating_two_batches_of_8_equals_one_batch_of_16(flowers, tmp_path, monkeypatch,
-                                                              cache):  # fmt: skip
+def test_accumulating_two_batches_of_8_equals_one_batch_of_16(
+    flowers, tmp_path, monkeypatch, cache
+):
     """Every optimizer step sees the same gradient, on real photos, with the cache on and off.
 
     The weights themselves are not compared: AdamW divides each gradient by its own size, so
@@ -48,8 +50,7 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16(flowers, tmp_path,
     each step's gradient can be compared.
     """
     train_py = load_script("lenet", "train")
-    monkeypatch.setattr(train_py.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
-    monkeypatch.setattr(train_py, "report_confusion", lambda *args: None)
+    monkeypatch.setattr(train_py.utils, "report_confusion", lambda *args: None)
     make_optimizer, gradients = train_py.make_optimizer, []
 
     def recording(model, args):
@@ -60,12 +61,12 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16(flowers, tmp_path,
         return optimizer
 
     monkeypatch.setattr(train_py, "make_optimizer", recording)
-    runs = {"big": ["-b", "16"], "accumulated": ["-b", "8", "--accum-steps", "2"],
-            "single": ["-b", "8"]}  # fmt: skip
+    runs = {"big": ["-b", "16"], "accumulated": ["-b", "8", "--accum-steps", "2"]}
+    runs["single"] = ["-b", "8"]
     for name, flags in runs.items():
         gradients.append([])
-        argv = ["--data-path", str(flowers), "--epochs", "1", "--lr", "1e-9", "--cache", cache,
-                *CPU_FP32, "--output-dir", str(tmp_path / name), *flags]  # fmt: skip
+        argv = ["--data-path", str(flowers), "--epochs", "1", "--lr", "1e-9", "--cache", cache]
+        argv += [*CPU_FP32, "--output-dir", str(tmp_path / name), *flags]
         train_py.main(train_py.get_args_parser().parse_args(argv))
     big, accumulated, single = gradients
     assert len(big) == len(accumulated) == 9  # 135 photos: 8 steps of 16 and one of 7
@@ -77,8 +78,18 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16(flowers, tmp_path,
 
 
 def test_too_many_accumulation_steps_for_the_data_is_one_line(tiny, tmp_path):
-    result = run_script(REPO / "lenet" / "train.py", "--data-path", tiny, "--output-dir",
-                        tmp_path / "o", *CPU_FP32, "-b", "8", "--accum-steps", "5")  # fmt: skip
+    out = ["--output-dir", tmp_path / "o"]
+    result = run_script(
+        REPO / "lenet" / "train.py",
+        "--data-path",
+        tiny,
+        *out,
+        *CPU_FP32,
+        "-b",
+        "8",
+        "--accum-steps",
+        "5",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--accum-steps 5" in result.stderr.strip().splitlines()[-1]
 
@@ -87,47 +98,44 @@ def test_too_many_accumulation_steps_for_the_data_is_one_line(tiny, tmp_path):
 
 
 def test_auto_amp_follows_the_compute_capability(fake_gpu):
-    train_py = load_script("resnet", "train")
+    utils = load_script("resnet", "utils")
     cuda = torch.device("cuda", 0)
-    expected = {(6, 1): torch.float16, (7, 5): torch.float16, (8, 0): torch.bfloat16,
-                (8, 6): torch.bfloat16, (9, 0): torch.bfloat16}  # fmt: skip
+    expected = {(6, 1): torch.float16, (7, 5): torch.float16, (8, 0): torch.bfloat16}
+    expected |= {(8, 6): torch.bfloat16, (9, 0): torch.bfloat16}
     for capability, dtype in expected.items():
         fake_gpu.capability = capability
-        chosen, why = train_py.pick_amp("auto", cuda)
+        chosen, why = utils.pick_amp("auto", cuda)
         assert chosen == dtype, capability
         assert f"{capability[0]}.{capability[1]}" in why
     fake_gpu.capability = (7, 5)
-    assert "grad scaler" in train_py.pick_amp("auto", cuda)[1]
-    assert train_py.pick_amp("off", cuda)[0] is None
+    assert "grad scaler" in utils.pick_amp("auto", cuda)[1]
+    assert utils.pick_amp("off", cuda)[0] is None
 
 
 def test_a_gpu_without_kernels_in_this_build_is_named(fake_gpu, capsys):
-    train_py = load_script("resnet", "train")
+    utils = load_script("resnet", "utils")
     for capability in ((7, 5), (8, 9), (12, 0)):  # listed; a later minor; PTX of 9.0 runs on
         fake_gpu.capability = capability
-        assert train_py.cuda_problem(0) is None, capability
+        assert utils.cuda_problem(0) is None, capability
     fake_gpu.capability = (6, 1)  # a GTX 1060
-    assert "sm_61" in train_py.cuda_problem(0)
-    assert train_py.pick_device("auto") == torch.device("cpu")
-    assert "training on the CPU" in capsys.readouterr().err
-    with pytest.raises(train_py.TrainingError, match="--device cuda: Fake GPU .* sm_61"):
-        train_py.pick_device("cuda")
-    predict_py = load_script("resnet", "predict")
-    assert predict_py.pick_device("auto") == torch.device("cpu")
-    with pytest.raises(predict_py.PredictError, match="sm_61"):
-        predict_py.pick_device("cuda:0")
+    assert "sm_61" in utils.cuda_problem(0)
+    assert utils.pick_device("auto") == torch.device("cpu")
+    assert "running on the CPU" in capsys.readouterr().err
+    with pytest.raises(utils.UserError, match="--device cuda: Fake GPU .* sm_61"):
+        utils.pick_device("cuda")
+    with pytest.raises(utils.UserError, match="--device cuda:0: Fake GPU .* sm_61"):
+        utils.pick_device("cuda:0")
 
 
 def test_out_of_memory_in_the_size_check_is_not_blamed_on_the_image_size():
-    train_py = load_script("lenet", "train")
+    utils = load_script("lenet", "utils")
 
     class Hungry(torch.nn.Module):
         def forward(self, x):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    args = train_py.get_args_parser().parse_args(["--image-size", "32"])
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        train_py.check_image_size(Hungry(), args, torch.device("cpu"))
+        utils.check_image_size(Hungry(), 32, "lenet", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("amp", ["auto", "off"])
@@ -136,17 +144,23 @@ def test_out_of_memory_says_how_to_keep_the_recipe(tiny, tmp_path, monkeypatch, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     script = REPO / "resnet" / "train.py"
-    argv = [str(script), "--data-path", str(tiny), "--output-dir", str(tmp_path / "o"),
-            "--arch", "resnet18", "-b", "32", "--amp", amp, "--workers", "0"]  # fmt: skip
+    argv = [str(script), "--data-path", str(tiny), "--output-dir", str(tmp_path / "o")]
+    argv += ["--arch", "resnet18", "-b", "32", "--amp", amp, "--workers", "0"]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])
-    monkeypatch.delitem(sys.modules, "model", raising=False)
+    for name in ("model", "utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
     monkeypatch.setattr(torch.nn.Module, "to", no_memory)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")
     message = str(exit_info.value.code)
     assert message.startswith("resnet/train.py: error: CUDA ran out of memory at --batch-size 32")
-    assert "--batch-size 16 --accum-steps 2" in message and "-b 32" not in message
+    assert (
+        message.split("memory: ", 1)[1]
+        .split("; --amp")[0]
+        .endswith("--batch-size 16 --accum-steps 2")
+    )
     assert ("--amp bf16 or fp16" in message) == (amp == "off")
 
 
@@ -155,29 +169,18 @@ def test_out_of_memory_says_how_to_keep_the_recipe(tiny, tmp_path, monkeypatch, 
 
 def test_resume_in_fp16_from_a_fp32_run(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    first = run_script(REPO / "lenet" / "train.py", "--data-path", tiny, "--epochs", "1",
-                       "--output-dir", out, *CPU_FP32)  # fmt: skip
+    argv = ["--data-path", tiny, "--epochs", "1", "--output-dir", out, *CPU_FP32]
+    first = run_script(REPO / "lenet" / "train.py", *argv)
     assert first.returncode == 0, first.stderr[-2000:]
     assert torch.load(out / "last.pth", weights_only=True)["scaler"] == {}  # a disabled scaler
 
     train_py = load_script("lenet", "train")
     # fp16 with an enabled grad scaler, as on a GPU (the CPU runs fp16 autocast too).
-    monkeypatch.setattr(train_py, "pick_amp", lambda name, device: (torch.float16, "fp16 (test)"))
-    monkeypatch.setattr(train_py, "report_confusion", lambda *args: None)
-    monkeypatch.setattr(train_py.signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
-    args = train_py.get_args_parser().parse_args(
-        [
-            "--data-path",
-            str(tiny),
-            "--epochs",
-            "2",
-            "--output-dir",
-            str(out),
-            "--resume",
-            *CPU_FP32,
-        ]  # fmt: skip
-    )
-    train_py.main(args)
+    fp16 = lambda name, device: (torch.float16, "fp16 (test)")  # noqa: E731
+    monkeypatch.setattr(train_py.utils, "pick_amp", fp16)
+    monkeypatch.setattr(train_py.utils, "report_confusion", lambda *args: None)
+    argv = ["--data-path", str(tiny), "--epochs", "2", "--output-dir", str(out), "--resume"]
+    train_py.main(train_py.get_args_parser().parse_args([*argv, *CPU_FP32]))
     resumed = torch.load(out / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["scaler"]["scale"] > 0
 
@@ -185,52 +188,34 @@ def test_resume_in_fp16_from_a_fp32_run(tiny, tmp_path, monkeypatch):
 # --- --cache auto ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("free_mib, cached", [(10_000, True), (1, False), (None, False)])
-def test_cache_auto_caches_what_fits_comfortably_in_free_memory(tiny, monkeypatch, capsys,
-                                                                free_mib, cached):  # fmt: skip
+@pytest.mark.parametrize("ram_mib, cached", [(10_000, True), (1, False)])
+def test_cache_auto_caches_what_fits_comfortably_in_memory(
+    tiny, monkeypatch, capsys, ram_mib, cached
+):
     train_py = load_script("lenet", "train")
-    free = None if free_mib is None else free_mib * 2**20
-    monkeypatch.setattr(train_py, "available_memory", lambda: free)
+    page, pages = 4096, ram_mib * 2**20 // 4096
+    monkeypatch.setattr(
+        train_py.utils.os, "sysconf", {"SC_PAGE_SIZE": page, "SC_PHYS_PAGES": pages}.get
+    )
     args = train_py.get_args_parser().parse_args(["--data-path", str(tiny), "--workers", "0"])
-    vars(args).update(rank=0, world_size=1, distributed=False)
     assert args.cache == "auto"
-    train_set, val_set, _ = train_py.load_datasets(args)
-    assert isinstance(train_set, train_py.CachedImages) == cached
-    assert isinstance(val_set, train_py.CachedImages) == cached
+    run = train_py.utils.Run(torch.device("cpu"), None, "off")
+    train_set, val_set, _ = train_py.load_datasets(args, run, 0)
+    assert isinstance(train_set, train_py.utils.CachedImages) == cached
+    assert isinstance(val_set, train_py.utils.CachedImages) == cached
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"--cache auto: {'on' if cached else 'off'}, the decoded images")
+    assert line.startswith(f"--cache auto: {'on' if cached else 'off'}, about ")
 
 
-def test_the_cache_estimate_counts_what_caching_holds(tiny):
+def test_the_cache_estimate_bounds_what_caching_holds(tiny, monkeypatch, capsys):
+    """The estimate (4:3 photos at twice the crop size) is at least what the cache takes."""
     train_py = load_script("lenet", "train")
-    argv = ["--data-path", str(tiny), "--cache", "on", "--workers", "0", "--image-size", "32"]
+    argv = ["--data-path", str(tiny), "--workers", "0", "--image-size", "32"]
     args = train_py.get_args_parser().parse_args(argv)
-    vars(args).update(rank=0, world_size=1, distributed=False)
-    train_set, val_set, _ = train_py.load_datasets(args)
-    estimate = train_py.decoded_bytes(*[train_py.ImageFolder(tiny / s) for s in ("train", "val")],
-                                      32)  # fmt: skip
-    assert estimate == train_set.nbytes + val_set.nbytes
-
-
-def test_under_torchrun_each_process_caches_only_its_share_of_val(tiny):
-    train_py = load_script("lenet", "train")
-    folders = [train_py.ImageFolder(tiny / s) for s in ("train", "val")]
-    argv = ["--data-path", str(tiny), "--cache", "on", "--workers", "0", "--image-size", "32"]
-    caches = []
-    for rank in (0, 1):  # 6 val images over 2 processes: 0, 2, 4 and 1, 3, 5
-        args = train_py.get_args_parser().parse_args(argv)
-        vars(args).update(rank=rank, world_size=2, distributed=True)
-        train_set, val_set, _ = train_py.load_datasets(args)
-        assert [i for i, image in enumerate(val_set.images) if image is not None] == [
-            rank, rank + 2, rank + 4]  # fmt: skip
-        assert train_set.decoded == 18  # training samples any image in any epoch
-        caches.append(val_set)
-        # What each process holds is what the estimate counts for one process.
-        assert train_py.decoded_bytes(*folders, 32, 2) == train_set.nbytes + val_set.nbytes
-    # The shares are the samples build_loaders gives each process, and read the same images.
-    for rank, val_set in enumerate(caches):
-        shard = train_py.Subset(val_set, range(rank, len(val_set), 2))
-        assert [target for _, target in shard] == [val_set.targets[i] for i in shard.indices]
+    run = train_py.utils.Run(torch.device("cpu"), None, "off")
+    train_set, val_set, _ = train_py.load_datasets(args, run, 0)
+    estimate = float(capsys.readouterr().out.split("about ")[1].split()[0]) * 2**20
+    assert train_set.nbytes + val_set.nbytes <= estimate + 2**19  # the estimate is rounded
 
 
 # --- start-up under the fake GPU: every script, up to its first CUDA work --------------------
@@ -257,8 +242,12 @@ def test_train_py_starts_up_as_either_of_two_torchrun_processes(
     fake_gpu, tiny, tmp_path, monkeypatch, family, rank
 ):
     fake_gpu.count = 2
-    for name, value in {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2,
-                        "LOCAL_WORLD_SIZE": 2}.items():  # fmt: skip
+    for name, value in {
+        "RANK": rank,
+        "LOCAL_RANK": rank,
+        "WORLD_SIZE": 2,
+        "LOCAL_WORLD_SIZE": 2,
+    }.items():
         monkeypatch.setenv(name, str(value))
     train_py = load_script(family, "train")
     args = train_args(train_py, tiny, tmp_path / "o", *SMALL[family])
@@ -276,11 +265,13 @@ def test_predict_py_starts_up_on_a_gpu(fake_gpu, tiny, tmp_path, monkeypatch, fa
     train_py = load_script(family, "train")
     args = train_args(train_py, tiny, tmp_path / "o", *SMALL[family])
     model = train_py.build_model(args, 3)
-    checkpoint = train_py.checkpoint_state(model, ["a", "b", "c"], 1, 0.5, 0.5, 1, args)
+    checkpoint = {"family": family, "arch": args.arch, "model": model.state_dict(), "epoch": 1}
+    checkpoint |= {"classes": ["a", "b", "c"], "image_size": args.image_size}
+    checkpoint |= {"mean": train_py.MEAN, "std": train_py.STD}
+    torch.save(checkpoint, tmp_path / "best.pth")
     predict_py = load_script(family, "predict")
-    monkeypatch.setattr(predict_py, "load_checkpoint", lambda path, arch: checkpoint)
     photo = next((tiny / "val" / "a").iterdir())
-    argv = [str(photo), "--device", device, "--no-show", "--save", str(tmp_path / "p.png")]
+    argv = [str(photo), "--device", device, "--no-show", "--weights", str(tmp_path / "best.pth")]
     with pytest.raises(ReachedGPU):
         predict_py.main(predict_py.get_args_parser().parse_args(argv))
     assert ("get_device_capability", 0) in fake_gpu.calls
@@ -315,8 +306,9 @@ def test_memory_py_starts_up_on_a_gpu_and_caps_what_a_6_gib_card_leaves(fake_gpu
 
 
 @pytest.mark.parametrize("fits_up_to, largest", [(100, "100"), (None, "at least 4096")])
-def test_memory_py_says_at_least_where_the_search_hit_its_ceiling(fake_gpu, monkeypatch,
-                                                                 fits_up_to, largest):  # fmt: skip
+def test_memory_py_says_at_least_where_the_search_hit_its_ceiling(
+    fake_gpu, monkeypatch, fits_up_to, largest
+):
     memory = load_memory_py()
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))])
 
@@ -333,24 +325,17 @@ def test_memory_py_says_at_least_where_the_search_hit_its_ceiling(fake_gpu, monk
 
 
 def test_a_gpu_index_that_is_not_there_is_one_line(fake_gpu, tmp_path, monkeypatch):
-    train_py = load_script("lenet", "train")
-    with pytest.raises(train_py.TrainingError, match="this machine has 1 CUDA device"):
-        train_py.pick_device("cuda:1")
-    predict_py = load_script("lenet", "predict")
-    with pytest.raises(predict_py.PredictError, match="this machine has 1 CUDA device"):
-        predict_py.pick_device("cuda:1")
+    utils = load_script("lenet", "utils")
+    with pytest.raises(utils.UserError, match="this machine has 1 CUDA device"):
+        utils.pick_device("cuda:1")
     # torchrun with more processes than GPUs: both numbers, and what to pass.
     fake_gpu.count = 2
-    for name, value in {"RANK": 2, "LOCAL_RANK": 2, "WORLD_SIZE": 3,
-                        "LOCAL_WORLD_SIZE": 3}.items():  # fmt: skip
+    for name, value in {"RANK": 2, "LOCAL_RANK": 2, "WORLD_SIZE": 3, "LOCAL_WORLD_SIZE": 3}.items():
         monkeypatch.setenv(name, str(value))
-    args = train_args(train_py, tmp_path, tmp_path / "o")
-    with pytest.raises(
-        train_py.TrainingError,
-        match=r"torchrun started 3 processes .* 2 CUDA "
-        r"device\(s\): pass --nproc_per_node=2",
-    ):
-        train_py.init_distributed(args)
+    with pytest.raises(utils.UserError, match=r"torchrun started 3 processes .* 2 CUDA device"):
+        utils.start_run("auto", "auto")
+    with pytest.raises(utils.UserError, match=r"device\(s\): pass --nproc_per_node=2"):
+        utils.start_run("cuda", "auto")
 
 
 def test_torchrun_on_mps_is_one_line(tmp_path, monkeypatch):
@@ -358,27 +343,29 @@ def test_torchrun_on_mps_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", answer(True))
     for name, value in {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 2}.items():
         monkeypatch.setenv(name, str(value))
-    train_py = load_script("lenet", "train")
+    utils = load_script("lenet", "utils")
     started = []
-    monkeypatch.setattr(train_py.dist, "init_process_group", lambda *a, **k: started.append(a))
-    args = train_args(train_py, tmp_path, tmp_path / "o")
-    with pytest.raises(train_py.TrainingError, match="torchrun on MPS: .* --device cpu"):
-        train_py.init_distributed(args)
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda *a, **k: started.append(a))
+    with pytest.raises(utils.UserError, match="torchrun on MPS: .* --device cpu"):
+        utils.start_run("auto", "auto")
     assert not started
 
 
 @pytest.mark.parametrize(
     "capability, archs, runs",
-    [((8, 7), ["sm_80", "sm_86"], False),  # Jetson Orin: torch's table excludes it
-     ((10, 1), ["sm_100", "sm_120"], False),  # Thor under CUDA 13.0
-     ((8, 9), ["sm_86"], True), ((12, 0), ["sm_90", "compute_90"], True),
-     ((9, 0), ["sm_90a"], True), ((6, 1), ["sm_75", "compute_75"], False)],
-)  # fmt: skip
+    [
+        ((8, 7), ["sm_80", "sm_86"], False),  # Jetson Orin: torch's table excludes it
+        ((10, 1), ["sm_100", "sm_120"], False),  # Thor under CUDA 13.0
+        ((8, 9), ["sm_86"], True),
+        ((12, 0), ["sm_90", "compute_90"], True),
+        ((9, 0), ["sm_90a"], True),
+        ((6, 1), ["sm_75", "compute_75"], False),
+    ],
+)
 def test_which_gpus_this_build_runs_on_is_torchs_rule(fake_gpu, capability, archs, runs):
     fake_gpu.capability, fake_gpu.archs = capability, archs
-    for script in ("train", "predict"):
-        problem = load_script("resnet", script).cuda_problem(0)
-        assert (problem is None) == runs, (script, problem)
+    problem = load_script("resnet", "utils").cuda_problem(0)
+    assert (problem is None) == runs, problem
 
 
 def tiny_training(train_py, distributed: bool):
@@ -387,13 +374,12 @@ def tiny_training(train_py, distributed: bool):
     loader = DataLoader(
         TensorDataset(torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,))), batch_size=4
     )
-    args = argparse.Namespace(accum_steps=1, dry_run=False, batch_size=4, epochs=1, rank=0,
-                              distributed=distributed, lr=1e-3)  # fmt: skip
+    args = argparse.Namespace(accum_steps=1, dry_run=False, batch_size=4, epochs=1, lr=1e-3)
+    run = train_py.utils.Run(torch.device("cpu"), None, "off", 0, 2 if distributed else 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return (model, nn.CrossEntropyLoss(), optimizer, scheduler, scaler, loader,
-            torch.device("cpu"), None, 1, args)  # fmt: skip
+    return model, nn.CrossEntropyLoss(), optimizer, scheduler, scaler, loader, 1, args, run
 
 
 @pytest.mark.parametrize("diverged", ["here", "elsewhere"])
@@ -412,7 +398,7 @@ def test_a_diverged_loss_is_judged_on_every_processs_totals(monkeypatch, diverge
         nn.init.constant_(inputs[0][1].weight, float("nan"))
     # Every process reaches the all-reduce, and each stops on the same totals: none is left
     # waiting in a collective for one that has already exited.
-    with pytest.raises(train_py.TrainingError, match="training diverged"):
+    with pytest.raises(train_py.UserError, match="training diverged"):
         train_py.train_one_epoch(*inputs)
     assert reduced == [True]
 
@@ -426,9 +412,9 @@ def test_a_process_with_no_val_images_takes_part_in_the_evaluation(monkeypatch):
     monkeypatch.setattr(train_py.dist, "all_gather_object", all_gather_object)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0, dtype=torch.long)))
-    args = argparse.Namespace(dry_run=False, rank=1, distributed=True, world_size=2)
-    result = train_py.evaluate(model, nn.CrossEntropyLoss(), empty, torch.device("cpu"), None,
-                               args)  # fmt: skip
+    args = argparse.Namespace(dry_run=False)
+    run = train_py.utils.Run(torch.device("cpu"), None, "off", rank=1, world_size=2)
+    result = train_py.evaluate(model, nn.CrossEntropyLoss(), empty, args, run)
     assert result["acc"] == 0.5 and result["loss"] == 1.5
 
 
@@ -438,61 +424,39 @@ def test_evaluation_reads_the_device_a_fixed_number_of_times(monkeypatch):
     reads = []
     for name in ("item", "cpu", "tolist"):
         method = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, m=method, **k: (
-            reads.append(1), m(self, *a, **k))[1])  # fmt: skip
-    args = argparse.Namespace(dry_run=False, rank=0, distributed=False, world_size=1)
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, m=method, **k: (reads.append(1), m(self, *a, **k))[1],
+        )
+    args, run = argparse.Namespace(dry_run=False), train_py.utils.Run(torch.device("cpu"), None, "")
     counts = []
     for batches in (1, 4):
         images, labels = torch.randn(4 * batches, 1, 2, 2), torch.zeros(4 * batches).long()
         loader = DataLoader(TensorDataset(images, labels), batch_size=4)
         reads.clear()
-        train_py.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), nn.CrossEntropyLoss(),
-                          loader, torch.device("cpu"), None, args)  # fmt: skip
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        train_py.evaluate(model, nn.CrossEntropyLoss(), loader, args, run)
         counts.append(len(reads))
     assert counts[0] == counts[1]
 
 
-def test_the_kept_weights_are_read_by_rank_0_and_sent_to_the_others(tmp_path, monkeypatch):
-    """A second machine holds no best.pth: rank 1 receives rank 0's weights instead."""
-    train_py = load_script("lenet", "train")
-    args = train_py.get_args_parser().parse_args([])
-    vars(args).update(rank=1, distributed=True, world_size=2)
-    torch.manual_seed(0)
-    rank_0 = train_py.build_model(args, 5)
-    sent = iter([t.clone() for t in rank_0.state_dict().values()])
-    monkeypatch.setattr(train_py.dist, "broadcast", lambda t, src: t.copy_(next(sent)))
-    monkeypatch.setattr(train_py.dist, "broadcast_object_list",
-                        lambda objects, src: objects.__setitem__(0, 7))  # fmt: skip
-    torch.manual_seed(1)
-    model = train_py.build_model(args, 5)
-    assert train_py.load_kept_weights(model, tmp_path / "not-shared", args) == 7
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, rank_0.state_dict()[name]), name
-
-
-def test_epoch_gpu_memory_is_the_peak_the_epochs_tensors_took(fake_gpu):
-    train_py = load_script("lenet", "train")
-    train = {"loss": 1.0, "acc": 0.5, "seconds": 1.0, "img_s": 1.0, "data_wait": 0.0}
-    train_py.history_row(1, train, {"loss": 1.0, "acc": 0.5}, 1e-3, torch.device("cuda", 0))
-    asked = [name for name, _ in fake_gpu.calls]
-    assert "max_memory_allocated" in asked and "max_memory_reserved" not in asked
-
-
 def test_out_of_memory_advice_continues_a_saved_run_and_works(tiny, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    first = run_script(REPO / "lenet" / "train.py", "--data-path", tiny, "--epochs", "1",
-                       "--output-dir", out, *CPU_FP32, "-b", "8")  # fmt: skip
+    argv = ["--data-path", tiny, "--epochs", "1", "--output-dir", out, *CPU_FP32, "-b", "8"]
+    first = run_script(REPO / "lenet" / "train.py", *argv)
     assert first.returncode == 0, first.stderr[-2000:]
 
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     script = REPO / "lenet" / "train.py"
-    argv = [str(script), "--data-path", str(tiny), "--epochs", "2", "--output-dir", str(out),
-            "--resume", *CPU_FP32, "-b", "8"]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", argv)
+    argv = [str(script), "--data-path", str(tiny), "--epochs", "2", "--output-dir", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume", *CPU_FP32, "-b", "8"])
     monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])
-    monkeypatch.delitem(sys.modules, "model", raising=False)
+    for name in ("model", "utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's SIGTERM
     monkeypatch.setattr(torch.nn.Module, "to", no_memory)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(script), run_name="__main__")
@@ -500,11 +464,12 @@ def test_out_of_memory_advice_continues_a_saved_run_and_works(tiny, tmp_path, mo
     message = str(exit_info.value.code)
     assert "continue in about half the memory: python " in message
     command = shlex.split(message.split("memory: ", 1)[1].split("; --amp")[0])
-    assert command[-6:] == ["--batch-size", "4", "--accum-steps", "2", "--resume",
-                            str(out / "last.pth")]  # fmt: skip
+    last = str(out / "last.pth")
+    assert command[-6:] == ["--batch-size", "4", "--accum-steps", "2", "--resume", last]
     # The advice, run as given: it continues from epoch 1 with the same optimizer step.
-    advised = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True,
-                             timeout=600)  # fmt: skip
+    advised = subprocess.run(
+        [sys.executable, *command[1:]], capture_output=True, text=True, timeout=600
+    )
     assert advised.returncode == 0, advised.stderr[-2000:]
     assert "is ignored" not in advised.stdout
     resumed = torch.load(out / "last.pth", weights_only=True)

@@ -13,8 +13,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # memory.py imports throughput.py 
 def test_saved_tensors_are_counted_once_per_storage_and_apart_from_the_weights():
     memory = load_module(REPO / "benchmarks" / "memory.py", "benchmarks_memory")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 16 * 16, 5))  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 5)
+    )
     x = torch.randn(2, 3, 16, 16)
     params = list(model.parameters())
     parts = memory.step_memory(model, lambda: model(x).sum().backward(), params, None)

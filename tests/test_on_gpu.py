@@ -26,15 +26,31 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_default_training_then_prediction(family, flowers, tmp_path):
     out = tmp_path / "run"
-    trained = run_script(REPO / family / "train.py", "--data-path", flowers, "--epochs", "2",
-                         "--dry-run", "--output-dir", out)  # fmt: skip
+    trained = run_script(
+        REPO / family / "train.py",
+        "--data-path",
+        flowers,
+        "--epochs",
+        "2",
+        "--dry-run",
+        "--output-dir",
+        out,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert " on cuda:0, amp " in trained.stdout
     epoch_lines = [line for line in trained.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and all(" GiB" in line for line in epoch_lines)
     photo = next((flowers / "val" / "roses").iterdir())
-    predicted = run_script(REPO / family / "predict.py", photo, "--weights", out / "best.pth",
-                           "--no-show", "--save", tmp_path / "p.png", "--json")  # fmt: skip
+    predicted = run_script(
+        REPO / family / "predict.py",
+        photo,
+        "--weights",
+        out / "best.pth",
+        "--no-show",
+        "--save",
+        tmp_path / "p.png",
+        "--json",
+    )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     top = json.loads(predicted.stdout)[0]["top"]
     assert top[0]["class"] in {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
@@ -43,12 +59,12 @@ def test_default_training_then_prediction(family, flowers, tmp_path):
 @needs_sample
 def test_an_fp16_run_resumes(flowers, tmp_path):
     common = ["--data-path", flowers, "--output-dir", tmp_path, "--amp", "fp16", "--dry-run"]
-    first = run_script(REPO / "resnet" / "train.py", *common, "--epochs", "1",
-                       "--arch", "resnet18")  # fmt: skip
+    first = run_script(REPO / "resnet" / "train.py", *common, "--epochs", "1", "--arch", "resnet18")
     assert first.returncode == 0, first.stderr[-3000:]
     assert torch.load(tmp_path / "last.pth", weights_only=True)["scaler"]["scale"] > 0
-    resumed = run_script(REPO / "resnet" / "train.py", *common, "--epochs", "2", "--resume",
-                         "--arch", "resnet18")  # fmt: skip
+    resumed = run_script(
+        REPO / "resnet" / "train.py", *common, "--epochs", "2", "--resume", "--arch", "resnet18"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
 
@@ -56,12 +72,31 @@ def test_an_fp16_run_resumes(flowers, tmp_path):
 @needs_sample
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_torchrun_on_two_gpus(flowers, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", str(REPO / "resnet" / "train.py"), "--data-path",
-               str(flowers), "--epochs", "2", "--arch", "resnet18", "--image-size", "64",
-               "--output-dir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "MPLBACKEND": "Agg"})  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "resnet" / "train.py"),
+        "--data-path",
+        str(flowers),
+        "--epochs",
+        "2",
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "64",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes x 32" in result.stdout
     assert torch.load(tmp_path / "last.pth", weights_only=True)["epoch"] == 2
@@ -69,8 +104,15 @@ def test_torchrun_on_two_gpus(flowers, tmp_path):
 
 def test_memory_benchmark_of_the_five_default_networks(tmp_path):
     models = ["lenet", "alexnet", "vgg16", "googlenet", "resnet34"]
-    result = run_script(REPO / "benchmarks" / "memory.py", "--device", "cuda", "--models",
-                        *models, "--json", tmp_path / "memory.json")  # fmt: skip
+    result = run_script(
+        REPO / "benchmarks" / "memory.py",
+        "--device",
+        "cuda",
+        "--models",
+        *models,
+        "--json",
+        tmp_path / "memory.json",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     print(result.stdout)  # the table, for the README (pytest -s shows it)
     rows = json.loads((tmp_path / "memory.json").read_text())["rows"]

@@ -28,8 +28,16 @@ def checkpoints(flowers, tmp_path_factory) -> dict[str, Path]:
     found = {}
     for family in FAMILIES:
         out = tmp_path_factory.mktemp(f"run_{family}")
-        result = run_script(REPO / family / "train.py", "--data-path", flowers, "--epochs", "1",
-                            "--output-dir", out, *SMALL[family])  # fmt: skip
+        result = run_script(
+            REPO / family / "train.py",
+            "--data-path",
+            flowers,
+            "--epochs",
+            "1",
+            "--output-dir",
+            out,
+            *SMALL[family],
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         found[family] = out / "best.pth"
     return found
@@ -49,9 +57,15 @@ def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tenso
         model = model_py.LeNet(num_classes=n) if family == "lenet" else model_py.AlexNet(n)
     model.load_state_dict(state, strict=True)
     size = checkpoint["image_size"]
-    pipeline = T.Compose([T.Resize(round(size / 0.875), antialias=True), T.CenterCrop(size),
-                          T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                          T.Normalize(checkpoint["mean"], checkpoint["std"])])  # fmt: skip
+    pipeline = T.Compose(
+        [
+            T.Resize(round(size / 0.875), antialias=True),
+            T.CenterCrop(size),
+            T.ToImage(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(checkpoint["mean"], checkpoint["std"]),
+        ]
+    )
     with Image.open(image) as img:
         # JPEGs are decoded at the reduced scale that keeps twice the resize (as train.py does).
         img.draft("RGB", (2 * round(size / 0.875),) * 2)
@@ -141,12 +155,10 @@ def image_kinds(folder: Path) -> dict[str, Path]:
     }
 
 
-@pytest.mark.parametrize("script", ["predict", "train"])
-def test_every_kind_of_image_is_read_as_upright_rgb_by_both_scripts(tmp_path, script):
-    if script == "predict":
-        load_image = load_script("lenet", "predict").open_rgb
-    else:  # train.py reads its datasets through the same open_rgb
-        load_image = load_script("lenet", "train").load_image
+@pytest.mark.parametrize("reader", ["open_rgb", "load_image"])
+def test_every_kind_of_image_is_read_as_upright_rgb_by_both_scripts(tmp_path, reader):
+    # predict.py reads photos with open_rgb; train.py's datasets with load_image, which calls it.
+    load_image = getattr(load_script("lenet", "utils"), reader)
     kinds = image_kinds(tmp_path / "kinds")
     for name, path in kinds.items():
         img = load_image(path)
@@ -173,8 +185,9 @@ def bomb_png(path: Path) -> Path:
 
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
     idat = zlib.compress(b"\0" * 1000)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-                     + chunk(b"IEND", b""))  # fmt: skip
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -189,8 +202,16 @@ def test_every_image_kind_is_predicted_and_every_bad_file_is_named(checkpoints, 
     bomb_png(bad / "bomb.png")
     (tmp_path / "empty_folder").mkdir()
     missing = tmp_path / "missing.jpg"
-    result = predict("lenet", tmp_path / "kinds", bad, tmp_path / "empty_folder", missing,
-                     "--weights", checkpoints["lenet"], "--json")  # fmt: skip
+    result = predict(
+        "lenet",
+        tmp_path / "kinds",
+        bad,
+        tmp_path / "empty_folder",
+        missing,
+        "--weights",
+        checkpoints["lenet"],
+        "--json",
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     predicted = {Path(r["file"]).name for r in json.loads(result.stdout)}
@@ -202,7 +223,7 @@ def test_every_image_kind_is_predicted_and_every_bad_file_is_named(checkpoints, 
         "notes.jpg": "not an image",
         "empty.jpg": "empty",
         "bomb.png": "decompression bomb",
-        "empty_folder": "no images",
+        "empty_folder": "no photos",
         "missing.jpg": "no such file",
     }
     for name, reason in expected.items():
@@ -236,15 +257,21 @@ def test_checkpoint_problems_are_one_clear_line(checkpoints, tmp_path):
     text = tmp_path / "text.pth"
     text.write_text("hello")
     cases = [
-        (("resnet", image, "--arch", "resnet50"),
-         ["no checkpoint", "resnet/train.py --arch resnet50"]),
+        (
+            ("resnet", image, "--arch", "resnet50"),
+            ["no checkpoint", "resnet/train.py --arch resnet50"],
+        ),
         (("googlenet", image, "--weights", tmp_path / "nope.pth"), ["googlenet/train.py"]),
-        (("vgg", image, "--weights", checkpoints["resnet"]),
-         ["of the resnet folder", "resnet/predict.py"]),
-        (("resnet", image, "--weights", checkpoints["resnet"], "--arch", "resnet34"),
-         ["holds resnet18", "--arch resnet34"]),
+        (
+            ("vgg", image, "--weights", checkpoints["resnet"]),
+            ["of the resnet folder", "use resnet/"],
+        ),
+        (
+            ("resnet", image, "--weights", checkpoints["resnet"], "--arch", "resnet34"),
+            ["holds resnet18", "--arch resnet34"],
+        ),
         (("lenet", image, "--weights", text), ["not a checkpoint"]),
-    ]  # fmt: skip
+    ]
     for (family, *args), needles in cases:
         result = predict(family, *args)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
@@ -269,7 +296,7 @@ def test_preprocessing_is_train_py_validation_path():
 
 def test_shared_predict_functions_are_identical_in_the_five_files():
     reference = shared_definitions("resnet", "predict.py")
-    assert {"open_rgb", "predict", "draw", "main", "__main__"} <= set(reference)
+    assert {"predict", "draw", "main", "__main__"} <= set(reference)
     for family in FAMILIES:
         theirs = shared_definitions(family, "predict.py")
         differing = [n for n in {*reference, *theirs} if theirs.get(n) != reference.get(n)]

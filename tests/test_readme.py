@@ -1,4 +1,5 @@
-"""The README and its Chinese translation: the same commands and flags, nothing stale."""
+"""The README, its Chinese translation and the docs: the same commands and flags, every flag
+documented, every link alive, nothing stale."""
 
 import re
 import subprocess
@@ -10,6 +11,7 @@ from conftest import FAMILIES, REPO, load_module, load_script
 
 README = REPO / "README.md"
 README_ZH = REPO / "README.zh-CN.md"
+DOCS = [*sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 
 
 def commands(text: str) -> set[str]:
@@ -44,23 +46,52 @@ def test_both_readmes_list_the_same_commands_flags_and_pictures():
     assert commands(en + "\n`python lenet/train.py --cache`") != commands(zh)
 
 
-def test_every_flag_of_every_script_is_in_the_readme():
-    documented = flags(README.read_text())
+def test_every_flag_of_every_script_is_in_the_readme_or_the_docs():
+    documented = flags(" ".join(path.read_text() for path in [README, *DOCS]))
     parsers = {"split_data.py": load_module(REPO / "split_data.py", "split_data_readme")}
     for family in FAMILIES:
         for script in ("train", "predict"):
             parsers[f"{family}/{script}.py"] = load_script(family, script)
     for name, module in parsers.items():
-        options = {o for action in module.get_args_parser()._actions
-                   for o in action.option_strings if o.startswith("--")}  # fmt: skip
+        options = {
+            o
+            for action in module.get_args_parser()._actions
+            for o in action.option_strings
+            if o.startswith("--")
+        }
         missing = options - documented - {"--help"}
-        assert not missing, f"{name}: {sorted(missing)} not in README.md"
+        assert not missing, f"{name}: {sorted(missing)} not in README.md nor docs/"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layer_tables_are_what_model_py_prints(family):
-    printed = subprocess.run([sys.executable, str(REPO / family / "model.py")],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    printed = subprocess.run(
+        [sys.executable, str(REPO / family / "model.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     block = f"```text\n$ python {family}/model.py\n{printed}```"
-    assert block in README.read_text()
-    assert block in README_ZH.read_text()
+    assert block in (REPO / "docs" / "networks.md").read_text()
+
+
+def test_the_readmes_are_short_and_every_link_leads_somewhere():
+    for path in (README, README_ZH, *DOCS):
+        text = path.read_text()
+        if path in (README, README_ZH):
+            assert len(text.splitlines()) <= 250, path
+        for target in re.findall(r"\]\(([^)#]+?)(?:#[^)]*)?\)", text):
+            if not target.startswith("http"):
+                assert (path.parent / target).exists(), f"{path.name}: {target}"
+    for name in ("networks", "training", "prediction", "distributed"):
+        assert (
+            f"(docs/{name}.md)" in README.read_text()
+            and f"(docs/{name}.md)" in README_ZH.read_text()
+        )
+
+
+def test_the_chinese_readme_breaks_lines_only_where_a_space_is_meant():
+    # A line break between two Chinese characters shows as a stray space in most browsers.
+    cjk = "[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"
+    assert not re.findall(f"{cjk}\n{cjk}", README_ZH.read_text())
+    assert re.findall(f"{cjk}\n{cjk}", "花\n朵")  # the check can fail

@@ -353,13 +353,13 @@ def test_never_replaces_a_train_folder_it_did_not_make(tmp_path):
     assert mine.read_bytes() == b"user data"
 
 
-def test_ctrl_c_handling_is_train_pys():
-    """split_data.py stands alone, so it repeats train.py's Ctrl-C handling: the copies match."""
+def test_ctrl_c_handling_is_utils_pys():
+    """split_data.py stands alone, so it repeats utils.py's Ctrl-C handling: the copies match."""
 
     def functions(path: Path) -> dict[str, str]:
         tree = ast.parse(path.read_text())
         return {n.name: ast.dump(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
 
-    ours, train = functions(SCRIPT), functions(REPO / "resnet" / "train.py")
+    ours, utils = functions(SCRIPT), functions(REPO / "resnet" / "utils.py")
     for name in ("keep_ctrl_c", "exit_interrupted"):
-        assert ours[name] == train[name], f"split_data.py's {name} is not resnet/train.py's"
+        assert ours[name] == utils[name], f"split_data.py's {name} is not resnet/utils.py's"

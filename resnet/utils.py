@@ -1,0 +1,619 @@
+"""The plumbing of train.py and predict.py: device and precision, torchrun, photos, the cache
+and seeded sampling, atomic writes and checkpoints, figures, one-line errors and Ctrl-C.
+
+Byte-identical in the five folders (a test compares them), so that each folder runs on its own:
+fix it in resnet/, then run `python tests/sync_shared.py`.
+"""
+
+import _thread
+import argparse
+import errno
+import io
+import math
+import os
+import random
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """A problem with the user's input or run, reported as one line without a traceback."""
+
+
+# Device, precision and processes
+
+
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device --device names (auto: CUDA, then MPS, then the CPU). A CUDA device always
+    has its index, as set_device needs: LOCAL_RANK's GPU under torchrun, else the one named or
+    the current one."""
+    auto = name == "auto"
+    if auto:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = torch.device("meta")  # refused below
+    available = {"cpu": True, "cuda": torch.cuda.is_available()}
+    available["mps"] = torch.backends.mps.is_available()
+    if device.type not in available:
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+    if not available[device.type]:
+        what = device.type.upper()
+        raise UserError(f"--device {name}: {what} is not available here; use --device cpu")
+    if device.type != "cuda":
+        return device
+    count, index = torch.cuda.device_count(), device.index if local_rank is None else local_rank
+    index = torch.cuda.current_device() if index is None else index
+    if index >= count and local_rank is not None:
+        raise UserError(
+            f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', index + 1)} processes on this "
+            f"machine, which has {count} CUDA device(s): pass --nproc_per_node={count}"
+        )
+    if index >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA device(s), from 0")
+    if (problem := cuda_problem(index)) and auto:
+        print(f"note: {problem}; running on the CPU", file=sys.stderr)
+        return torch.device("cpu")
+    if problem:
+        raise UserError(f"--device {name}: {problem}")
+    return torch.device("cuda", index)
+
+
+def cuda_problem(index: int) -> str | None:
+    """Why this PyTorch build has no kernels for CUDA device index (is_available() still lists
+    it, and it fails at its first kernel), or None. Native code sm_XY runs where torch's own
+    table says; PTX compute_XY on X.Y and anything later."""
+    major, minor = torch.cuda.get_device_capability(index)
+    device_cc, archs = 10 * major + minor, torch.cuda.get_arch_list()
+    # torch's rule (torch 2.8 on); before it, the same major version at this minor or below.
+    native = getattr(torch.cuda, "_code_compatible_with_device", None)
+    native = native or (lambda device, code: device // 10 == code // 10 and device >= code)
+    for kind, _, code in (arch.partition("_") for arch in archs):
+        code = code.rstrip("af")  # sm_90a, sm_100f: the family variants of 9.0, 10.0
+        ptx = kind == "compute" and code.isdigit() and device_cc >= int(code)
+        if ptx or (kind == "sm" and code.isdigit() and native(device_cc, int(code))):
+            return None
+    if not archs:
+        return None  # nothing to check against
+    return (
+        f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
+        f"kernels in this PyTorch build ({' '.join(archs)}); install a build whose "
+        f"torch.cuda.get_arch_list() lists sm_{major}{minor}"
+    )
+
+
+@dataclass(frozen=True)
+class Run:
+    """What set-up learns about this process: its device and precision, and its place among
+    torchrun's processes (a plain `python train.py` is a world of one)."""
+
+    device: torch.device
+    amp: torch.dtype | None  # autocast's dtype; None: plain fp32
+    amp_reason: str
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    distributed = property(lambda self: self.world_size > 1)
+    is_main = property(lambda self: self.rank == 0)  # the process that prints and writes
+
+    def __str__(self) -> str:
+        processes = f" x {self.world_size} processes" if self.distributed else ""
+        return f"{self.device}{processes}, amp {self.amp_reason}"
+
+
+def start_run(device_name: str, amp_name: str) -> Run:
+    """Join the torchrun job if there is one (one process per GPU talking over NCCL, or
+    processes on the CPU over gloo) and pick this process's device and precision."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else None
+    device = pick_device(device_name, local_rank)
+    if world_size > 1 and device.type == "mps":
+        raise UserError(
+            "torchrun on MPS: PyTorch's DistributedDataParallel does not run there; train in "
+            "one process (python train.py), or pass --device cpu to run the processes on the CPU"
+        )
+    if device.type == "cuda":  # cuda:N: kernels, memory figures and autocast all use GPU N
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # the fastest kernels for these fixed shapes
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world_size > 1 else 1
+    rank = int(os.environ.get("RANK", 0))
+    return Run(device, *pick_amp(amp_name, device), rank, world_size, local)
+
+
+def distribute(model: nn.Module, run: Run, sync_bn: bool, compile: bool) -> nn.Module:
+    """The model that trains: under torchrun wrapped in DDP, compiled with --compile."""
+    if sync_bn and run.distributed and run.device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+    if sync_bn and run.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if run.distributed:
+        device_ids = None if run.device.type == "cpu" else [run.device.index]
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if compile else model
+
+
+def share_buffers(model: nn.Module, run: Run) -> None:
+    """Give every process rank 0's buffers (batch-norm statistics): each process's own copy
+    moves a little in the last training step of an epoch."""
+    if run.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def loader_workers(workers: int | None, run: Run) -> int:
+    """--workers, or by default the CPU count (at most 8) shared by this machine's processes."""
+    return (
+        max(1, min(8, os.cpu_count() or 1) // run.local_world_size) if workers is None else workers
+    )
+
+
+def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype (None for plain fp32) and why. "auto" picks what is fast here:
+    bf16 where it is native (compute capability 8.0 on, a CPU with AVX-512 BF16 or AMX), fp16
+    on older GPUs, fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--amp fp16 is for GPUs; on the CPU use --amp bf16 or --amp off")
+    if name != "auto":
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], f"{name} (--amp)"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"bf16: compute capability {major}.{minor} runs it natively"
+        return torch.float16, f"fp16 with a grad scaler: compute capability {major}.{minor}"
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16, "bf16: this CPU has AVX-512 BF16 or AMX"
+    return None, f"off: no fast half precision on {device.type} here"
+
+
+def cpu_has_fast_bf16() -> bool:
+    info = Path("/proc/cpuinfo")
+    flags = info.read_text() if info.is_file() else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def check_image_size(model: nn.Module, image_size: int, arch: str, device: torch.device) -> None:
+    """Fail early, in one line, when --image-size does not fit the network."""
+    probe = torch.zeros(2, 3, image_size, image_size, device=device)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    try:
+        with torch.no_grad():
+            model.eval()(probe)
+            if not has_bn:  # train mode runs extra heads (GoogLeNet's); BN statistics must not move
+                model.train()(probe)
+    except RuntimeError as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":
+            raise  # the GPU's own trouble, not the image size
+        detail = str(e).splitlines()[0]
+        raise UserError(f"--image-size {image_size} does not fit {arch} ({detail})") from e
+    finally:
+        model.train()
+
+
+# Photos, the cache and seeded sampling
+
+# What counts as a photo in a folder: what torchvision's ImageFolder reads, and GIFs.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_photo(path: str | Path) -> bool:
+    """A file with a photo's suffix whose name is not hidden (macOS's ._ files, say)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES and not Path(path).name.startswith(".")
+
+
+def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
+    """Open an image the way users have them: any mode to RGB, EXIF rotation applied, the
+    first frame of an animation; a ValueError with a short reason for anything else. With
+    draft, a JPEG is decoded at 1/2 to 1/8 scale, both sides still at least draft pixels."""
+    if path.stat().st_size == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if draft:
+                    img.draft("RGB", (draft, draft))
+                img.seek(0)  # the first frame of a GIF or other animation
+                img.load()
+                if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: turn it upright
+                    img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"too many pixels, refused as a possible decompression bomb ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ValueError("not an image Pillow can read") from e
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"the image is damaged or truncated ({e})") from e
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit to 8-bit
+    elif img.mode == "F":
+        img = img.point(lambda v: v * 255).convert("L")  # floats in [0, 1]
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)  # transparent parts become white
+    return img.convert("RGB")
+
+
+def image_folder(folder: Path, transform, draft: int) -> ImageFolder:
+    """An ImageFolder of folder's class folders, its photos opened by open_rgb at draft."""
+    if not folder.is_dir():
+        raise UserError(
+            f"data folder {folder} not found: run `python split_data.py` first "
+            f"(or pass --data-path DIR with train/ and val/ inside)"
+        )
+    try:
+        loader = partial(load_image, draft=draft)
+        return ImageFolder(folder, transform, loader=loader, is_valid_file=is_photo)
+    except OSError as e:  # no class folders, or a class without photos
+        raise UserError(f"{folder}: {e}; run `python split_data.py` to make the split") from e
+
+
+def load_image(path: str, draft: int | None = None) -> Image.Image:
+    """open_rgb for the datasets: an unreadable image stops training with its name."""
+    try:
+        return open_rgb(Path(path), draft)
+    except ValueError as e:
+        raise UserError(f"cannot read image {path} ({e}); remove it or run split_data.py") from e
+
+
+def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run):
+    """The two ImageFolders decoded once into memory, if --cache says so: training keeps
+    twice the crop size to crop from, validation the output of the first two, deterministic
+    steps of its transform (resize, crop), so its results do not change."""
+    need = (len(train_set) + len(val_set)) * 4 * (2 * image_size) ** 2 * run.local_world_size
+    if how == "auto":  # on when the decoded images (4:3 photos) take under 1/8 of the RAM
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else 0
+        how = "on" if need < ram / 8 else "off"
+        if run.is_main:
+            print(f"--cache auto: {how}, about {need / 2**20:.0f} of {ram / 2**20:.0f} MiB of RAM")
+    if how == "off":
+        return train_set, val_set
+
+    def shrink(image: Image.Image) -> torch.Tensor:  # the shorter side at most twice the crop
+        small = min(image.size) > 2 * image_size
+        return TF.pil_to_tensor(TF.resize(image, 2 * image_size) if small else image)
+
+    steps = val_set.transform.transforms
+    train_set = CachedImages(train_set, shrink, train_set.transform, workers)
+    val_set = CachedImages(
+        val_set, T.Compose([*steps[:2], T.PILToTensor()]), T.Compose(steps[2:]), workers
+    )
+    if run.is_main:
+        mib = (train_set.nbytes + val_set.nbytes) / 2**20
+        print(f"cached {len(train_set) + len(val_set)} images ({mib:.0f} MiB in each process)")
+    return train_set, val_set
+
+
+class CachedImages(Dataset):
+    """A dataset decoded once into memory as uint8 tensors: prepare runs once per image
+    (decode, shrink), transform at every access."""
+
+    def __init__(self, folder: ImageFolder, prepare, transform, workers: int) -> None:
+        self.targets, self.transform = folder.targets, transform
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow releases the GIL
+            decoded = pool.map(lambda sample: prepare(folder.loader(sample[0])), folder.samples)
+            self.images = list(tqdm(decoded, total=len(folder), desc="caching", leave=False))
+        self.nbytes = sum(image.numel() for image in self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index]), self.targets[index]
+
+
+def seed_for(*numbers: int) -> int:
+    """A seed made from numbers, the same on every machine and Python version."""
+    return random.Random(",".join(map(str, numbers))).getrandbits(48)
+
+
+class EpochSampler(DistributedSampler):
+    """This process's share of a seeded shuffle, as (epoch, index) keys for SeededSamples."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """Draws each sample's augmentation from its own seed (seed, epoch, index), whichever
+    process or loader worker takes it: a resumed or a distributed run sees the same images."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        # The CPU generator alone (torch.manual_seed would also queue every GPU's: 50x slower),
+        # put back afterwards so the training process's own random stream is untouched.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed_for(self.seed, epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)
+
+
+# Files: atomic writes, checkpoints, the output folder
+
+
+class _File(io.FileIO):
+    """A file that keeps the OSError of a failed write: torch.save reports it as RuntimeError."""
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def write_file(path: Path, write) -> None:
+    """Fill path atomically: write(f) fills a temporary file beside it, then a rename. If
+    anything goes wrong (a full disk, Ctrl-C), path keeps its content, and no temporary stays."""
+    tmp, f = path.with_name(f".{path.name}.{os.getpid()}.tmp"), None  # one per process
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _File(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else getattr(f, "error", None)
+        if cause is None:
+            raise
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on {path.parent} to write {path.name}") from e
+        raise UserError(f"cannot write {path} ({cause.strerror or cause})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    write_file(path, lambda f: fig.savefig(f, format=path.suffix[1:].lower(), dpi=100))
+
+
+def load_checkpoint(path: Path, family: str) -> dict:
+    """Read a checkpoint of this family's train.py: tensors and plain values only (torch.load
+    with weights_only never unpickles arbitrary objects)."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but plain data, with varied errors
+        raise UserError(
+            f"{path} is not a checkpoint this script can read (only tensors and "
+            f"plain values are loaded, never other objects)"
+        ) from e
+    if not isinstance(checkpoint, dict) or not {"model", "family", "arch"} <= set(checkpoint):
+        raise UserError(f"{path} is not a checkpoint written by a train.py of this project")
+    if checkpoint["family"] != family:
+        raise UserError(
+            f"{path} holds {checkpoint['arch']} of the {checkpoint['family']} "
+            f"folder, not a {family} network; use {checkpoint['family']}/"
+        )
+    return checkpoint
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create --output-dir and make sure it takes files, before any time is spent training."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as e:
+        problem = "is a file" if output_dir.is_file() else f"cannot be written ({e.strerror or e})"
+        raise UserError(f"--output-dir {output_dir} {problem}; pass a folder you can write") from e
+
+
+# Reports and figures
+
+
+def log_epoch(history: list[dict], epochs: int, output_dir: Path) -> None:
+    """Print the epoch's line, rewrite metrics.csv and redraw curves.png."""
+    row = history[-1]
+    print(
+        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f}  "
+        f"train_acc {row['train_acc']:.3f}  val_loss {row['val_loss']:.3f}  "
+        f"val_acc {row['val_acc']:.3f}  lr {row['lr']:.1e}  {row['seconds']:.0f}s  "
+        f"{row['img_s']:.0f} img/s  data_wait {row['data_wait']:.0%}"
+        + (f"  gpu_mem {row['gpu_mem_gib']:.2f} GiB" if "gpu_mem_gib" in row else "")
+    )
+    lines = [",".join(row)] + [",".join(f"{r.get(c, math.nan):.6g}" for c in row) for r in history]
+    write_file(output_dir / "metrics.csv", lambda f: f.write("\n".join(lines + [""]).encode()))
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, key in zip(fig.subplots(1, 2), ("loss", "acc"), strict=True):
+        metric = {"loss": "loss", "acc": "accuracy"}[key]
+        for split in ("train", "val"):
+            values = [r[f"{split}_{key}"] for r in history]
+            ax.plot([r["epoch"] for r in history], values, "o-", label=split)
+        ax.set(xlabel="epoch", ylabel=metric, title=metric, ylim=(0, 1) if key == "acc" else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, output_dir / "curves.png")
+
+
+def report_confusion(result: dict, classes: list[str], path: Path) -> None:
+    """Print per-class accuracy and save the confusion matrix of result as a picture."""
+    k = len(classes)
+    matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k)
+    matrix = matrix.reshape(k, k)
+    width = max(len(c) for c in classes) + 2
+    print(f"{'class':<{width}}{'val images':>11}{'accuracy':>10}")
+    for i, name in enumerate(classes):
+        total = matrix[i].sum().item()
+        print(f"{name:<{width}}{total:>11}{matrix[i, i].item() / max(total, 1):>10.3f}")
+    save_figure(confusion_figure(matrix, classes, f"val accuracy {result['acc']:.3f}"), path)
+
+
+def report_interrupt(epoch: int, saved: int, last: Path) -> None:
+    if saved == 0:
+        print(f"\ninterrupted in epoch {epoch}, before any epoch was saved", file=sys.stderr)
+        return
+    resume = command_with({"--resume": str(last)})
+    print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved}. Continue with:\n  {resume}")
+
+
+def report_end(history: list[dict], epochs: int, seconds: float, output_dir: Path) -> None:
+    best = max(history, key=lambda row: row["val_acc"])  # the earliest of ties
+    print(
+        f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}/{epochs}; best.pth keeps "
+        f"the last epoch; {seconds / 60:.1f} min; outputs in {output_dir}"
+    )
+
+
+# Fonts with Chinese, Japanese or Korean, tried in this order where installed.
+CJK_FONTS = (
+    "Noto Sans CJK SC, Noto Sans CJK JP, Source Han Sans SC, WenQuanYi Zen Hei, "
+    "Microsoft YaHei, PingFang SC, Hiragino Sans GB, SimHei, Arial Unicode MS"
+).split(", ")
+
+
+def use_fonts_for(texts: list[str]) -> None:
+    """Let matplotlib draw class names in any script: DejaVu Sans, then an installed CJK font;
+    where none is installed, one note instead of a warning per missing character."""
+    from matplotlib import font_manager, rcParams
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    fallbacks = [name for name in CJK_FONTS if name in installed]
+    rcParams["font.family"] = ["DejaVu Sans", *fallbacks]
+    beyond = sorted({c for text in texts for c in text if ord(c) >= 0x2E80})  # CJK and after
+    if beyond and not fallbacks:
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        print(
+            f"note: no installed font has the characters {''.join(beyond)[:20]}; the figures "
+            f"show boxes for them (install a font such as Noto Sans CJK)",
+            file=sys.stderr,
+        )
+
+
+def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Figure:
+    """The confusion matrix (rows: true class) with counts, shaded by each row's share."""
+    use_fonts_for(classes)
+    k = len(classes)
+    fig = Figure(figsize=(0.8 * k + 3, 0.8 * k + 2), layout="constrained")
+    ax = fig.subplots()
+    rows = matrix.sum(1, keepdim=True).clamp(min=1)
+    ax.imshow((matrix / rows).numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            colour = "white" if matrix[i, j] > 0.5 * rows[i] else "black"
+            ax.text(j, i, str(matrix[i, j].item()), ha="center", va="center", color=colour)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    return fig
+
+
+# The command: its flags, its line, one-line errors, Ctrl-C
+
+
+def script_parser(doc: str, prog: str) -> argparse.ArgumentParser:
+    """A parser whose help shows the script's docstring and every flag's default."""
+    kinds = (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter)
+    description, epilog = doc.split("\n\n", 1)
+    formatter = type("Formatter", kinds, {})
+    return argparse.ArgumentParser(
+        prog, description=description, epilog=epilog, formatter_class=formatter
+    )
+
+
+def number(kind: type, low: float, high: float = math.inf, low_in=True, high_in=True):
+    """An argparse type: a kind (int or float) from low to high, the ends included or not."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not (low <= value <= high and (low_in or value > low) and (high_in or value < high)):
+            ends = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise argparse.ArgumentTypeError(f"{text} is not in {ends}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message for a non-number: "invalid int value"
+    return parse
+
+
+def command_with(changes: dict[str, str]) -> str:
+    """This run's command line with the flags in changes added: the last value of a flag wins."""
+    launcher = ["python"]
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: restart the same way
+        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
+        if os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+            launcher.insert(1, "--standalone")
+    changed = [part for flag, value in changes.items() for part in (flag, value)]
+    return shlex.join([*launcher, *sys.argv, *changed])
+
+
+def keep_ctrl_c(unraisable) -> None:
+    """sys.unraisablehook: Python drops a Ctrl-C that lands in a finalizer (a progress bar's
+    __del__), and the run would go on; interrupt again a moment later, outside the cleanup."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+        again = threading.Timer(0.01, _thread.interrupt_main)
+        again.daemon = True  # never holds up the exit
+        again.start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def exit_interrupted() -> NoReturn:
+    """Exit with 130 (the shell's code for Ctrl-C), quietly: an object half built when Ctrl-C
+    came would fail its cleanup at exit, and that traceback would bury our message."""
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(130)
+
+
+def run_command(main, parser: argparse.ArgumentParser, out_of_memory=None) -> NoReturn:
+    """Run main(args) as a command: a UserError is one line, Ctrl-C (or SIGTERM) exits 130,
+    and out_of_memory(args), if given, says what to do when the GPU's memory runs out."""
+    sys.unraisablehook = keep_ctrl_c
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a KeyboardInterrupt
+    args, name = parser.parse_args(), parser.prog
+    rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
+    try:
+        sys.exit(main(args))
+    except UserError as e:
+        # Raised in a DataLoader worker, the message is the worker's traceback, ours at its end.
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        sys.exit(f"{rank}{name}: error: {message}")
+    except KeyboardInterrupt:  # the epoch loop reports its own, then exits
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        exit_interrupted()
+    except torch.cuda.OutOfMemoryError:
+        if out_of_memory is None:
+            raise
+        sys.exit(f"{rank}{name}: error: {out_of_memory(args)}")
+    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
