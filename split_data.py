@@ -503,12 +503,9 @@ def main(args: argparse.Namespace) -> None:
 def keep_ctrl_c(unraisable) -> None:
     """sys.unraisablehook: Python drops a Ctrl-C that lands in a finalizer (a progress bar's
     __del__), and the run would go on; interrupt again a moment later, outside the cleanup."""
-    if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        again = threading.Timer(0.01, _thread.interrupt_main)
-        again.daemon = True  # never holds up the exit
-        again.start()
-    else:
-        sys.__unraisablehook__(unraisable)
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        return sys.__unraisablehook__(unraisable)
+    threading.Timer(0.01, _thread.interrupt_main).start()
 
 
 def exit_interrupted() -> NoReturn:

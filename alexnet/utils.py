@@ -57,8 +57,11 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         device = torch.device("meta")  # refused below
-    available = {"cpu": True, "cuda": torch.cuda.is_available()}
-    available["mps"] = torch.backends.mps.is_available()
+    available = {
+        "cpu": 1,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if device.type not in available:
         raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if not available[device.type]:
@@ -84,9 +87,8 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
 
 
 def cuda_problem(index: int) -> str | None:
-    """Why this PyTorch build has no kernels for CUDA device index (is_available() still lists
-    it, and it fails at its first kernel), or None. Native code sm_XY runs where torch's own
-    table says; PTX compute_XY on X.Y and anything later."""
+    """Why this PyTorch build has no kernels for GPU index (it would fail at its first), or
+    None. Native code sm_XY runs where torch's table says; PTX compute_XY on X.Y and later."""
     major, minor = torch.cuda.get_device_capability(index)
     device_cc, archs = 10 * major + minor, torch.cuda.get_arch_list()
     # torch's rule (torch 2.8 on); before it, the same major version at this minor or below.
@@ -108,8 +110,7 @@ def cuda_problem(index: int) -> str | None:
 
 @dataclass(frozen=True)
 class Run:
-    """What set-up learns about this process: its device and precision, and its place among
-    torchrun's processes (a plain `python train.py` is a world of one)."""
+    """What set-up learns: the device and precision, and the place among torchrun's processes."""
 
     device: torch.device
     amp: torch.dtype | None  # autocast's dtype; None: plain fp32
@@ -143,8 +144,9 @@ def start_run(device_name: str, amp_name: str) -> Run:
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world_size > 1 else 1
-    rank = int(os.environ.get("RANK", 0))
-    return Run(device, *pick_amp(amp_name, device), rank, world_size, local)
+    return Run(
+        device, *pick_amp(amp_name, device), int(os.environ.get("RANK", 0)), world_size, local
+    )
 
 
 def distribute(model: nn.Module, run: Run, sync_bn: bool, compile: bool) -> nn.Module:
@@ -160,8 +162,7 @@ def distribute(model: nn.Module, run: Run, sync_bn: bool, compile: bool) -> nn.M
 
 
 def share_buffers(model: nn.Module, run: Run) -> None:
-    """Give every process rank 0's buffers (batch-norm statistics): each process's own copy
-    moves a little in the last training step of an epoch."""
+    """Rank 0's buffers (batch-norm statistics) to every process: theirs drift a little."""
     if run.distributed:
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
@@ -193,8 +194,7 @@ def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
 
 
 def cpu_has_fast_bf16() -> bool:
-    info = Path("/proc/cpuinfo")
-    flags = info.read_text() if info.is_file() else ""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
@@ -210,8 +210,9 @@ def check_image_size(model: nn.Module, image_size: int, arch: str, device: torch
     except RuntimeError as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":
             raise  # the GPU's own trouble, not the image size
-        detail = str(e).splitlines()[0]
-        raise UserError(f"--image-size {image_size} does not fit {arch} ({detail})") from e
+        raise UserError(
+            f"--image-size {image_size} does not fit {arch} ({e})".split("\n")[0]
+        ) from e
     finally:
         model.train()
 
@@ -228,9 +229,8 @@ def is_photo(path: str | Path) -> bool:
 
 
 def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
-    """Open an image the way users have them: any mode to RGB, EXIF rotation applied, the
-    first frame of an animation; a ValueError with a short reason for anything else. With
-    draft, a JPEG is decoded at 1/2 to 1/8 scale, both sides still at least draft pixels."""
+    """Any image as users have it, upright RGB (or a ValueError with a short reason); with draft,
+    a JPEG is decoded at 1/2 to 1/8 scale, both sides still at least draft pixels."""
     if path.stat().st_size == 0:
         raise ValueError("the file is empty (0 bytes)")
     try:
@@ -263,10 +263,7 @@ def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
 def image_folder(folder: Path, transform, draft: int) -> ImageFolder:
     """An ImageFolder of folder's class folders, its photos opened by open_rgb at draft."""
     if not folder.is_dir():
-        raise UserError(
-            f"data folder {folder} not found: run `python split_data.py` first "
-            f"(or pass --data-path DIR with train/ and val/ inside)"
-        )
+        raise UserError(f"data folder {folder} not found: run `python split_data.py` first")
     try:
         loader = partial(load_image, draft=draft)
         return ImageFolder(folder, transform, loader=loader, is_valid_file=is_photo)
@@ -283,9 +280,8 @@ def load_image(path: str, draft: int | None = None) -> Image.Image:
 
 
 def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run):
-    """The two ImageFolders decoded once into memory, if --cache says so: training keeps
-    twice the crop size to crop from, validation the output of the first two, deterministic
-    steps of its transform (resize, crop), so its results do not change."""
+    """The ImageFolders decoded once into RAM, if --cache says so: training keeps twice the crop
+    size, validation the output of its first two steps (resize, crop): the same results."""
     need = (len(train_set) + len(val_set)) * 4 * (2 * image_size) ** 2 * run.local_world_size
     if how == "auto":  # on when the decoded images (4:3 photos) take under 1/8 of the RAM
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else 0
@@ -301,9 +297,8 @@ def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run)
 
     steps = val_set.transform.transforms
     train_set = CachedImages(train_set, shrink, train_set.transform, workers)
-    val_set = CachedImages(
-        val_set, T.Compose([*steps[:2], T.PILToTensor()]), T.Compose(steps[2:]), workers
-    )
+    prepare = T.Compose([*steps[:2], T.PILToTensor()])
+    val_set = CachedImages(val_set, prepare, T.Compose(steps[2:]), workers)
     if run.is_main:
         mib = (train_set.nbytes + val_set.nbytes) / 2**20
         print(f"cached {len(train_set) + len(val_set)} images ({mib:.0f} MiB in each process)")
@@ -404,23 +399,19 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 
 def load_checkpoint(path: Path, family: str) -> dict:
-    """Read a checkpoint of this family's train.py: tensors and plain values only (torch.load
-    with weights_only never unpickles arbitrary objects)."""
+    """A checkpoint of this family's train.py (weights_only: nothing arbitrary is unpickled)."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but plain data, with varied errors
-        raise UserError(
-            f"{path} is not a checkpoint this script can read (only tensors and "
-            f"plain values are loaded, never other objects)"
-        ) from e
+        raise UserError(f"{path} is not a checkpoint (only tensors and plain values load)") from e
     if not isinstance(checkpoint, dict) or not {"model", "family", "arch"} <= set(checkpoint):
         raise UserError(f"{path} is not a checkpoint written by a train.py of this project")
     if checkpoint["family"] != family:
+        theirs = f"{checkpoint['arch']} of the {checkpoint['family']} folder"
         raise UserError(
-            f"{path} holds {checkpoint['arch']} of the {checkpoint['family']} "
-            f"folder, not a {family} network; use {checkpoint['family']}/"
+            f"{path} holds {theirs}, not a {family} network; use {checkpoint['family']}/"
         )
     return checkpoint
 
@@ -466,8 +457,9 @@ def log_epoch(history: list[dict], epochs: int, output_dir: Path) -> None:
 def report_confusion(result: dict, classes: list[str], path: Path) -> None:
     """Print per-class accuracy and save the confusion matrix of result as a picture."""
     k = len(classes)
-    matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k)
-    matrix = matrix.reshape(k, k)
+    matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k).view(
+        k, k
+    )
     width = max(len(c) for c in classes) + 2
     print(f"{'class':<{width}}{'val images':>11}{'accuracy':>10}")
     for i, name in enumerate(classes):
@@ -486,10 +478,8 @@ def report_interrupt(epoch: int, saved: int, last: Path) -> None:
 
 def report_end(history: list[dict], epochs: int, seconds: float, output_dir: Path) -> None:
     best = max(history, key=lambda row: row["val_acc"])  # the earliest of ties
-    print(
-        f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}/{epochs}; best.pth keeps "
-        f"the last epoch; {seconds / 60:.1f} min; outputs in {output_dir}"
-    )
+    kept = f"best.pth keeps the last epoch; {seconds / 60:.1f} min; outputs in {output_dir}"
+    print(f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}/{epochs}; {kept}")
 
 
 # Fonts with Chinese, Japanese or Korean, tried in this order where installed.
@@ -510,11 +500,8 @@ def use_fonts_for(texts: list[str]) -> None:
     beyond = sorted({c for text in texts for c in text if ord(c) >= 0x2E80})  # CJK and after
     if beyond and not fallbacks:
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
-        print(
-            f"note: no installed font has the characters {''.join(beyond)[:20]}; the figures "
-            f"show boxes for them (install a font such as Noto Sans CJK)",
-            file=sys.stderr,
-        )
+        missing = f"no installed font has the characters {''.join(beyond)[:20]}"
+        print(f"note: {missing}; the figures show boxes (install Noto Sans CJK)", file=sys.stderr)
 
 
 def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Figure:
@@ -541,11 +528,8 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Fi
 def script_parser(doc: str, prog: str) -> argparse.ArgumentParser:
     """A parser whose help shows the script's docstring and every flag's default."""
     kinds = (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter)
-    description, epilog = doc.split("\n\n", 1)
-    formatter = type("Formatter", kinds, {})
-    return argparse.ArgumentParser(
-        prog, description=description, epilog=epilog, formatter_class=formatter
-    )
+    text, epilog = doc.split("\n\n", 1)
+    return argparse.ArgumentParser(prog, None, text, epilog, formatter_class=type("F", kinds, {}))
 
 
 def number(kind: type, low: float, high: float = math.inf, low_in=True, high_in=True):
@@ -576,12 +560,9 @@ def command_with(changes: dict[str, str]) -> str:
 def keep_ctrl_c(unraisable) -> None:
     """sys.unraisablehook: Python drops a Ctrl-C that lands in a finalizer (a progress bar's
     __del__), and the run would go on; interrupt again a moment later, outside the cleanup."""
-    if issubclass(unraisable.exc_type, KeyboardInterrupt):
-        again = threading.Timer(0.01, _thread.interrupt_main)
-        again.daemon = True  # never holds up the exit
-        again.start()
-    else:
-        sys.__unraisablehook__(unraisable)
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        return sys.__unraisablehook__(unraisable)
+    threading.Timer(0.01, _thread.interrupt_main).start()
 
 
 def exit_interrupted() -> NoReturn:

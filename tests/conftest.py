@@ -1,5 +1,6 @@
 """Helpers shared by the tests: where things are, small generated images, loading by path."""
 
+import functools
 import importlib.util
 import io
 import os
@@ -44,16 +45,70 @@ def flowers(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def tiny(tmp_path) -> Path:
-    """A generated split with 3 classes, for the error paths."""
+def make_tiny(root: Path) -> Path:
+    """A generated split with 3 classes (a, b, c): 6 train and 2 val photos each."""
     for split, n in (("train", 6), ("val", 2)):
         for c, name in enumerate(("a", "b", "c")):
-            folder = tmp_path / "tiny" / split / name
+            folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(n):
                 (folder / f"{i}.jpg").write_bytes(jpeg_bytes(c * 50 + i, size=(80, 72)))
-    return tmp_path / "tiny"
+    return root
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A generated split with 3 classes, for the error paths; the test may change it."""
+    return make_tiny(tmp_path / "tiny")
+
+
+# One epoch of LeNet on tiny, 32 x 32 pixels, on the CPU.
+LENET = ["--epochs", "1", "-b", "4", "--image-size", "32", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """best.pth of LeNet trained one epoch on a tiny split of its own (classes a, b, c), for the
+    tests that need a checkpoint, not a good one. Shared: copy it before changing anything."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    out = root / "run"
+    result = run_script(
+        REPO / "lenet" / "train.py",
+        "--data-path",
+        make_tiny(root / "tiny"),
+        "--output-dir",
+        out,
+        *LENET,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out / "best.pth"
+
+
+# Epochs of the one training per family on the sample that several tests share: VGG's
+# checkpoints are 1.5 GiB, so it trains one.
+SAMPLE_EPOCHS = {"lenet": 2, "alexnet": 2, "vgg": 1, "googlenet": 2, "resnet": 2}
+
+
+@pytest.fixture(scope="session")
+def sample_runs(flowers, tmp_path_factory) -> dict:
+    """Each family's train.py on the real sample, SMALL sizes: family -> (result, output dir).
+    Shared by the end-to-end tests and the predict.py tests: do not write into these folders."""
+    runs = {}
+    for family in FAMILIES:
+        out = tmp_path_factory.mktemp(f"run_{family}")
+        epochs = str(SAMPLE_EPOCHS[family])
+        result = run_script(
+            REPO / family / "train.py",
+            "--data-path",
+            flowers,
+            "--epochs",
+            epochs,
+            "--output-dir",
+            out,
+            *SMALL[family],
+        )
+        runs[family] = (result, out)
+    return runs
 
 
 def load_module(path: Path, name: str | None = None):
@@ -115,6 +170,12 @@ def run_script(script: Path, *args, cwd: Path | None = None, timeout: float = 60
         timeout=timeout,
         env=full_env,
     )
+
+
+@functools.cache
+def model_py_output(family: str, *args: str) -> subprocess.CompletedProcess:
+    """What `python <family>/model.py ARGS` prints, run once per session for the tests."""
+    return run_script(REPO / family / "model.py", *args, timeout=300)
 
 
 def answer(value):

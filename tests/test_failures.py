@@ -21,11 +21,17 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, jpeg_bytes, load_module, load_script, make_image_folder, run_script
+from conftest import (
+    LENET,
+    REPO,
+    jpeg_bytes,
+    load_module,
+    load_script,
+    make_image_folder,
+    run_script,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-LENET = ["--epochs", "1", "-b", "4", "--image-size", "32", "--workers", "0", "--device", "cpu"]
 
 
 def run(script: str, *args, **kwargs) -> subprocess.CompletedProcess:
@@ -190,27 +196,40 @@ def test_an_empty_class_folder_in_val_says_it_is_val(tiny, tmp_path):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--lr", "nan"], "--lr"),
-        (["--lr", "-1"], "--lr"),
-        (["--wd", "nan"], "--weight-decay"),
-        (["--device", "meta"], "--device meta"),
-        (["--device", "xpu"], "--device xpu"),
+        (["--lr", "nan"], "argument --lr: nan is not in"),
+        (["--lr", "-1"], "argument --lr: -1 is not in"),
+        (["--wd", "nan"], "argument --weight-decay/--wd: nan is not in"),
+        (["--epochs", "0"], "argument --epochs: 0 is not in"),
+        (
+            ["--seed", "99999999999999999999999"],
+            "argument --seed: 99999999999999999999999 is not in",
+        ),
     ],
 )
-def test_impossible_numbers_and_devices_are_one_line(tiny, tmp_path, flags, needle):
-    result = run(
-        "lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET, *flags
-    )
-    assert_one_line_error(result, "lenet/train.py", needle)
+def test_impossible_numbers_are_one_line(capsys, flags, needle):
+    with pytest.raises(SystemExit):
+        load_script("lenet", "train").get_args_parser().parse_args(flags)
+    assert needle in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_an_unusable_output_dir_is_refused_before_training(tiny, tmp_path):
+@pytest.mark.parametrize("device", ["meta", "xpu", "cuda:x"])
+def test_impossible_devices_are_one_line(device):
+    utils = load_script("lenet", "utils")
+    with pytest.raises(utils.UserError, match=f"--device {device}: "):
+        utils.pick_device(device)
+
+
+def test_an_unusable_output_dir_is_refused_before_training(tiny, tmp_path, capsys):
+    train_py = load_script("lenet", "train")
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
     for out in (Path("/proc/no_such_folder"), a_file, a_file / "under"):
-        result = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET)
-        assert_one_line_error(result, "lenet/train.py", "--output-dir")
-        assert "epoch 1/1" not in result.stdout
+        args = train_py.get_args_parser().parse_args(
+            ["--data-path", str(tiny), "--output-dir", str(out), *LENET]
+        )
+        with pytest.raises(train_py.UserError, match="--output-dir"):
+            train_py.main(args)
+        assert "epoch 1/1" not in capsys.readouterr().out
     assert a_file.read_text() == "keep me"
 
 
@@ -292,15 +311,17 @@ def test_disk_full_while_saving_a_checkpoint_says_so_and_keeps_the_last_epoch(ti
 # --- train.py: resume and interrupt ----------------------------------------------------------
 
 
-def test_resume_with_no_epoch_left_or_a_changed_recipe_says_so(tiny, tmp_path):
+def test_resume_with_no_epoch_left_or_a_changed_recipe_says_so(tiny, tiny_run, tmp_path, capsys):
     out = tmp_path / "run"
-    first = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET)
-    assert first.returncode == 0, first.stderr[-2000:]
-    nothing = run("lenet/train.py", "--data-path", tiny, "--output-dir", out, *LENET, "--resume")
-    assert_one_line_error(nothing, "lenet/train.py", "already trained 1 epoch", "--epochs")
+    shutil.copytree(tiny_run.parent, out)  # one epoch of LeNet
+    train_py = load_script("lenet", "train")
 
-    more = run(
-        "lenet/train.py",
+    def main(*argv):
+        train_py.main(train_py.get_args_parser().parse_args(list(map(str, argv))))
+
+    with pytest.raises(train_py.UserError, match="already trained 1 epochs: pass more --epochs"):
+        main("--data-path", tiny, "--output-dir", out, *LENET, "--resume")
+    main(
         "--data-path",
         tiny,
         "--output-dir",
@@ -312,8 +333,7 @@ def test_resume_with_no_epoch_left_or_a_changed_recipe_says_so(tiny, tmp_path):
         "0.5",
         "--resume",
     )
-    assert more.returncode == 0, more.stderr[-2000:]
-    assert "--lr 0.5 is ignored" in more.stdout
+    assert "--lr 0.5 is ignored" in capsys.readouterr().out
     saved = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 2 and saved["args"]["lr"] == pytest.approx(2e-3)
 
@@ -397,9 +417,7 @@ tqdm.std.tqdm.__del__ = interrupted
 
 
 @pytest.mark.parametrize("where", CTRL_C_IN)
-def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, tmp_path):
-    trained = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "run", *LENET)
-    assert trained.returncode == 0, trained.stderr[-2000:]
+def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, tiny_run, tmp_path):
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(CTRL_C_IN[where])
     path = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
@@ -418,8 +436,10 @@ def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, 
             "lenet/predict.py",
             tiny / "val",
             "--weights",
-            tmp_path / "run" / "best.pth",
+            tiny_run,
             "--no-show",
+            "--save",
+            tmp_path / "p.png",
             env=env,
         ),
     }
@@ -437,7 +457,7 @@ def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, 
 # --- large photos ----------------------------------------------------------------------------
 
 
-def test_large_photos_are_accepted_as_pillow_accepts_them(tiny, tmp_path):
+def test_large_photos_are_accepted_as_pillow_accepts_them(tiny_run, tmp_path):
     big = tmp_path / "big.png"
     Image.new("RGB", (10_000, 10_000), (200, 40, 40)).save(big)  # 100 MP: Pillow only warns
     utils = load_script("lenet", "utils")
@@ -447,10 +467,7 @@ def test_large_photos_are_accepted_as_pillow_accepts_them(tiny, tmp_path):
     drafted = utils.load_image(str(jpeg), draft=512)
     assert 512 <= min(drafted.size) < 3000  # decoded at a reduced scale, still large enough
 
-    run_dir = tmp_path / "run"
-    trained = run("lenet/train.py", "--data-path", tiny, "--output-dir", run_dir, *LENET)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    result = run("lenet/predict.py", big, "--weights", run_dir / "best.pth", "--json")
+    result = run("lenet/predict.py", big, "--weights", tiny_run, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert [Path(r["file"]).name for r in json.loads(result.stdout)] == ["big.png"]
 
@@ -458,34 +475,31 @@ def test_large_photos_are_accepted_as_pillow_accepts_them(tiny, tmp_path):
 # --- predict.py --save -----------------------------------------------------------------------
 
 
-def test_predict_save_paths(tiny, tmp_path):
-    run_dir = tmp_path / "run"
-    trained = run("lenet/train.py", "--data-path", tiny, "--output-dir", run_dir, *LENET)
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    photo = tiny / "val" / "a" / "0.jpg"
-    weights = ["--weights", run_dir / "best.pth", "--no-show"]
-
-    wrong = run("lenet/predict.py", photo, *weights, "--save", tmp_path / "fig.xyz")
-    assert_one_line_error(wrong, "lenet/predict.py", "fig.xyz", ".png")
-    assert wrong.stdout == ""  # refused before any work
-
+def test_predict_save_paths(tiny_run, tmp_path):
+    predict_py = load_script("lenet", "predict")
+    with pytest.raises(
+        predict_py.UserError, match="fig.xyz: matplotlib cannot write .xyz files; use .*.png"
+    ):
+        predict_py.check_save_path(tmp_path / "fig.xyz", folder=False)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    under = run("lenet/predict.py", photo, *weights, "--save", a_file / "fig.png")
-    assert_one_line_error(under, "lenet/predict.py", str(a_file), "is a file")
+    with pytest.raises(predict_py.UserError, match=f"{a_file} is a file, not a folder"):
+        predict_py.check_save_path(a_file / "fig.png", folder=False)
+    with pytest.raises(predict_py.UserError, match="with --eval it names a folder"):
+        predict_py.check_save_path(a_file, folder=True)
+    assert predict_py.check_save_path(tmp_path / "bare", folder=False) == tmp_path / "bare.png"
 
+    photo = tiny_run.parent.parent / "tiny" / "val" / "a" / "0.jpg"
+    wrong = run("lenet/predict.py", photo, "--weights", tiny_run, "--save", tmp_path / "fig.xyz")
+    assert_one_line_error(wrong, "lenet/predict.py", "fig.xyz", ".png")
+    assert wrong.stdout == ""  # refused before any work
     folder = tmp_path / "figures"
     folder.mkdir()
-    into = run("lenet/predict.py", photo, *weights, "--save", folder)
+    into = run("lenet/predict.py", photo, "--weights", tiny_run, "--no-show", "--save", folder)
     assert into.returncode == 0, into.stderr
     saved = folder / "prediction_0.png"
     assert saved.read_bytes()[:4] == b"\x89PNG"
     assert into.stdout.strip().endswith(f"figure saved to {saved}")
-
-    bare = run("lenet/predict.py", photo, *weights, "--save", tmp_path / "bare")
-    assert bare.returncode == 0, bare.stderr
-    assert (tmp_path / "bare.png").is_file() and not (tmp_path / "bare").exists()
-    assert bare.stdout.strip().endswith(f"figure saved to {tmp_path / 'bare.png'}")
 
 
 # --- class names in any script ---------------------------------------------------------------

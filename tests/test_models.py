@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import FAMILIES, REPO, load_module, run_script
+from conftest import FAMILIES, REPO, load_module, model_py_output, run_script
 
 lenet = load_module(REPO / "lenet" / "model.py")
 alexnet = load_module(REPO / "alexnet" / "model.py")
@@ -198,7 +198,7 @@ def test_initialisation_reaches_every_layer():
     ],
 )
 def test_model_py_prints_a_layer_table_and_totals(folder, args, params):
-    result = run_script(REPO / folder / "model.py", *args, timeout=300)
+    result = model_py_output(folder, *args)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:2] == ["layer", "type"]

@@ -1,9 +1,11 @@
 """predict.py in every folder: right answers, every image kind, bad input, safe loading."""
 
+import argparse
 import io
 import json
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from conftest import FAMILIES, REPO, SMALL, jpeg_bytes, load_module, load_script, run_script
+from conftest import FAMILIES, REPO, jpeg_bytes, load_module, load_script, run_script
 from sync_shared import shared_definitions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -23,24 +25,11 @@ def predict(family: str, *args, env=None):
 
 
 @pytest.fixture(scope="session")
-def checkpoints(flowers, tmp_path_factory) -> dict[str, Path]:
-    """best.pth of a short training of each family on the real sample."""
-    found = {}
-    for family in FAMILIES:
-        out = tmp_path_factory.mktemp(f"run_{family}")
-        result = run_script(
-            REPO / family / "train.py",
-            "--data-path",
-            flowers,
-            "--epochs",
-            "1",
-            "--output-dir",
-            out,
-            *SMALL[family],
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        found[family] = out / "best.pth"
-    return found
+def checkpoints(sample_runs) -> dict[str, Path]:
+    """best.pth of each family's shared training on the real sample."""
+    for family, (result, _) in sample_runs.items():
+        assert result.returncode == 0, f"{family}: {result.stderr[-3000:]}"
+    return {family: out / "best.pth" for family, (_, out) in sample_runs.items()}
 
 
 def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tensor:
@@ -273,12 +262,15 @@ def test_checkpoint_problems_are_one_clear_line(checkpoints, tmp_path):
         (("lenet", image, "--weights", text), ["not a checkpoint"]),
     ]
     for (family, *args), needles in cases:
-        result = predict(family, *args)
-        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1, lines
+        predict_py = load_script(family, "predict")
+        with pytest.raises(predict_py.UserError) as error:
+            predict_py.main(predict_py.get_args_parser().parse_args(map(str, args)))
         for needle in needles:
-            assert needle in lines[0], (needle, lines[0])
+            assert needle in str(error.value), (needle, str(error.value))
+    # As a command, each is one line on stderr: the last case, run as a user would.
+    result = predict(family, *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 # --- the same preprocessing and the same code in five files ----------------------------------
@@ -304,3 +296,47 @@ def test_shared_predict_functions_are_identical_in_the_five_files():
             f"{family}/predict.py differs from resnet's in {differing}: edit resnet's, then "
             f"run `python tests/sync_shared.py`"
         )
+
+
+# --- the defects the simplification fixed ----------------------------------------------------
+
+
+def test_predict_keeps_a_picture_of_the_first_photos_only(tiny_run, tmp_path):
+    """The figure draws at most MAX_GRID photos: more pictures would only grow with the folder."""
+    predict_py = load_script("lenet", "predict")
+    checkpoint = torch.load(tiny_run, weights_only=True)
+    model = predict_py.build_model(checkpoint).eval()
+    photo = tiny_run.parent.parent / "tiny" / "val" / "a" / "0.jpg"
+    files = [photo] * (predict_py.MAX_GRID + 7)
+    transform = predict_py.val_transform(32, checkpoint["mean"], checkpoint["std"])
+    args = argparse.Namespace(batch_size=8, json=True)
+    read, probabilities, pictures, problems = predict_py.predict(
+        model, files, transform, 64, args, torch.device("cpu")
+    )
+    assert len(read) == len(probabilities) == len(files) and not problems
+    assert len(pictures) == predict_py.MAX_GRID
+
+
+def test_the_default_workers_are_shared_and_an_explicit_value_is_kept():
+    utils = load_script("lenet", "utils")
+    cpu = torch.device("cpu")
+    alone, shared = utils.Run(cpu, None, ""), utils.Run(cpu, None, "", 0, 2, local_world_size=2)
+    default = min(8, os.cpu_count() or 1)
+    assert utils.loader_workers(None, alone) == default
+    assert utils.loader_workers(None, shared) == max(1, default // 2)
+    assert utils.loader_workers(default, shared) == default  # given: taken as given
+
+
+def test_seeds_are_the_same_everywhere():
+    """Not Python's hash(), an implementation detail: a string's digest, the same number on
+    every machine, Python version and PYTHONHASHSEED (random.Random seeds from its SHA-512)."""
+    utils = load_script("lenet", "utils")
+    assert utils.seed_for(0, 1, 2) == 251277800507919 != utils.seed_for(0, 2, 1)
+
+
+def test_the_confusion_figure_hands_matplotlib_numpy_arrays():
+    utils = load_script("lenet", "utils")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy 2 deprecates what a torch tensor gives imshow
+        fig = utils.confusion_figure(torch.tensor([[3, 1], [0, 2]]), ["a", "b"], "title")
+        fig.savefig(io.BytesIO(), format="png")

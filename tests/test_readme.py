@@ -2,12 +2,10 @@
 documented, every link alive, nothing stale."""
 
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import FAMILIES, REPO, load_module, load_script
+from conftest import FAMILIES, REPO, load_module, load_script, model_py_output
 
 README = REPO / "README.md"
 README_ZH = REPO / "README.zh-CN.md"
@@ -65,12 +63,7 @@ def test_every_flag_of_every_script_is_in_the_readme_or_the_docs():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_layer_tables_are_what_model_py_prints(family):
-    printed = subprocess.run(
-        [sys.executable, str(REPO / family / "model.py")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    printed = model_py_output(family).stdout
     block = f"```text\n$ python {family}/model.py\n{printed}```"
     assert block in (REPO / "docs" / "networks.md").read_text()
 

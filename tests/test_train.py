@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import (
     FAMILIES,
     REPO,
+    SAMPLE_EPOCHS,
     SMALL,
     jpeg_bytes,
     load_module,
@@ -44,6 +45,15 @@ def assert_one_line_error(result, *needles):
         assert needle in last, last
 
 
+def refused(family: str, *argv, match: str) -> str:
+    """Run family's train.py main() in this process (no interpreter to start) and return the
+    UserError it stops with; as a command, run_command prints it as one line (tested below)."""
+    train_py = load_script(family, "train")
+    with pytest.raises(train_py.UserError, match=match) as error:
+        train_py.main(train_py.get_args_parser().parse_args(list(map(str, argv))))
+    return str(error.value)
+
+
 def load_model_module(family: str):
     return load_module(REPO / family / "model.py", f"{family}_model_for_train_tests")
 
@@ -65,34 +75,25 @@ def build_from_checkpoint(family: str, checkpoint: dict) -> torch.nn.Module:
 
 @needs_sample
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers, tmp_path):
-    out = tmp_path / "run"
-    result = train(
-        family, "--data-path", flowers, "--epochs", "2", "--output-dir", out, *SMALL[family]
-    )
+def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers, sample_runs):
+    result, out = sample_runs[family]
+    epochs = SAMPLE_EPOCHS[family]
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("best.pth", "last.pth", "metrics.csv", "curves.png", "confusion_matrix.png"):
         assert (out / name).is_file(), name
     for png in ("curves.png", "confusion_matrix.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     epoch_lines = [m for m in map(EPOCH_LINE.match, result.stdout.splitlines()) if m]
-    assert [m.group(1, 2) for m in epoch_lines] == [("1", "2"), ("2", "2")]
+    assert [m.group(1, 2) for m in epoch_lines] == [
+        (str(e), str(epochs)) for e in range(1, epochs + 1)
+    ]
     assert "best val_acc" in result.stdout.splitlines()[-1]
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert set(rows[0]) == {
-        "epoch",
-        "train_loss",
-        "train_acc",
-        "val_loss",
-        "val_acc",
-        "lr",
-        "seconds",
-        "img_s",
-        "data_wait",
-    }
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    columns = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert set(rows[0]) == columns | {"img_s", "data_wait"}
     assert all(0 <= float(r["data_wait"]) <= 1 for r in rows)
     logged = [float(m.group(3)) for m in epoch_lines]
     assert [float(r["val_acc"]) for r in rows] == pytest.approx(logged, abs=1e-3)
@@ -104,19 +105,20 @@ def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers
     assert best["image_size"] == int(SMALL[family][-1])
     assert {"optimizer", "scheduler", "scaler", "history"} <= set(last)
     assert "rng" not in last  # seeded per epoch and image: a saved random state would be dead
+    assert best["epoch"] == epochs and all(
+        torch.equal(best["model"][k], last["model"][k]) for k in best["model"]
+    )
     model = build_from_checkpoint(family, best)
     model.load_state_dict(best["model"], strict=True)
 
-    # The saved best checkpoint reproduces the logged accuracy.
-    check = train(
-        family, "--data-path", flowers, "--output-dir", out, "--test-only", *SMALL[family]
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    reported = re.search(r"val_acc ([\d.]+)", check.stdout.splitlines()[-1 - len(classes) - 1])
-    assert float(reported.group(1)) == pytest.approx(last["history"][-1]["val_acc"], abs=1e-4)
-    assert best["epoch"] == 2 and all(
-        torch.equal(best["model"][k], last["model"][k]) for k in best["model"]
-    )
+    if family in ("lenet", "resnet"):  # without and with batch norm
+        # The saved checkpoint reproduces the logged accuracy.
+        check = train(
+            family, "--data-path", flowers, "--output-dir", out, "--test-only", *SMALL[family]
+        )
+        assert check.returncode == 0, check.stderr[-3000:]
+        reported = re.search(r"val_acc ([\d.]+)", check.stdout.splitlines()[-1 - len(classes) - 1])
+        assert float(reported.group(1)) == pytest.approx(last["history"][-1]["val_acc"], abs=1e-4)
 
 
 @needs_sample
@@ -151,7 +153,7 @@ def weights_of(path: Path) -> dict:
 
 @needs_sample
 def test_interrupt_then_resume_gives_the_same_weights_as_a_straight_run(flowers, tmp_path):
-    common = ["--data-path", flowers, "--epochs", "3", "--workers", "0", *SMALL["resnet"]]
+    common = ["--data-path", flowers, "--epochs", "2", "--workers", "0", *SMALL["resnet"]]
     straight = train("resnet", *common, "--output-dir", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -182,7 +184,7 @@ def test_interrupt_then_resume_gives_the_same_weights_as_a_straight_run(flowers,
     a, b = weights_of(tmp_path / "straight" / "last.pth"), weights_of(out / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with open(out / "metrics.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
 
 
 def test_sigterm_keeps_the_last_epoch_and_prints_the_resume_command(tiny, tmp_path):
@@ -251,9 +253,8 @@ def test_every_epoch_is_written_and_an_interrupt_names_the_epoch_last_pth_holds(
 
 
 def help_flags(family: str) -> dict[str, str]:
-    result = train(family, "--help")
-    assert result.returncode == 0, result.stderr
-    options = result.stdout.split("options:", 1)[1]
+    text = load_script(family, "train").get_args_parser().format_help()
+    options = text.split("options:", 1)[1]
     flags, current = {}, None
     for line in options.splitlines():
         match = re.match(r"^  (-[\w-]+(?:[ ,=][^ ]+)*?)(?:  +|$)(.*)", line)
@@ -323,13 +324,15 @@ def test_shared_functions_are_identical_in_the_five_files():
 
 def test_missing_data_folder_says_to_run_split_data(tmp_path):
     result = train("alexnet", "--data-path", tmp_path / "nowhere", "--output-dir", tmp_path / "o")
-    assert_one_line_error(result, "split_data.py")
+    assert_one_line_error(result, "split_data.py")  # as a command: one line
 
 
 def test_train_and_val_with_different_classes(tiny, tmp_path):
     (tiny / "val" / "c").rename(tiny / "val" / "z")
-    result = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / "o")
-    assert_one_line_error(result, "train/ and val/ need the same")
+    out = tmp_path / "o"
+    refused(
+        "lenet", "--data-path", tiny, "--output-dir", out, match="train/ and val/ need the same"
+    )
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -351,27 +354,19 @@ def test_corrupt_image_is_named(tiny, tmp_path, workers):
 
 
 def test_image_size_too_small_for_the_network(tiny, tmp_path):
-    result = train(
-        "googlenet", "--data-path", tiny, "--image-size", "32", "--output-dir", tmp_path / "o"
-    )
-    assert_one_line_error(result, "--image-size 32 does not fit googlenet")
+    argv = ["--data-path", tiny, "--image-size", "32", "--output-dir", tmp_path / "o"]
+    refused("googlenet", *argv, match="--image-size 32 does not fit googlenet")
 
 
 def test_diverging_loss_stops_with_the_epoch(tiny, tmp_path):
-    result = train(
+    argv = ["--data-path", tiny, "--lr", "1e30", "--epochs", "3", "-b", "4", "--workers", "0"]
+    refused(
         "lenet",
-        "--data-path",
-        tiny,
-        "--lr",
-        "1e30",
-        "--epochs",
-        "3",
-        "-b",
-        "4",
+        *argv,
         "--output-dir",
         tmp_path / "o",
+        match="in epoch 1: training diverged.* lower --lr",
     )
-    assert_one_line_error(result, "in epoch 1: training diverged", "lower --lr")
 
 
 def test_the_last_partial_batch_trains_unless_it_is_a_single_image(tiny, tmp_path):
@@ -412,38 +407,21 @@ def textured_split(root: Path) -> Path:
 
 def test_label_smoothing_and_augmentation_reach_training_and_stay_on_resume(tmp_path):
     tiny = textured_split(tmp_path / "textured")
-    flags = ["--device", "cpu", "--amp", "off", "--workers", "0", "-b", "6"]
+    flags = ["--device", "cpu", "--amp", "off", "--workers", "0", "-b", "6", "--data-path", tiny]
     runs = {
         "plain": [],
         "smoothed": ["--label-smoothing", "0.5"],
         "cropped": ["--crop-scale", "0.5"],
         "all": ["--label-smoothing", "0.5", "--augment", "trivialaugment", "--crop-scale", "0.5"],
     }
+    train_py = load_script("lenet", "train")  # in this process: five runs, one import
+
+    def run(*argv):
+        train_py.main(train_py.get_args_parser().parse_args(list(map(str, argv))))
+
     for name, extra in runs.items():
-        result = train(
-            "lenet",
-            "--data-path",
-            tiny,
-            "--epochs",
-            "1",
-            "--output-dir",
-            tmp_path / name,
-            *flags,
-            *extra,
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-    resumed = train(
-        "lenet",
-        "--data-path",
-        tiny,
-        "--epochs",
-        "2",
-        "--output-dir",
-        tmp_path / "all",
-        "--resume",
-        *flags,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+        run(*flags, "--epochs", "1", "--output-dir", tmp_path / name, *extra)
+    run(*flags, "--epochs", "2", "--output-dir", tmp_path / "all", "--resume")
     resumed = torch.load(tmp_path / "all" / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2
     recipe = resumed["args"]
@@ -482,53 +460,46 @@ def test_label_smoothing_and_augmentation_reach_training_and_stay_on_resume(tmp_
         *(("--crop-scale", v, f"{v} is not in (0, 1]") for v in ("0", "1.5", "nan")),
     ],
 )
-def test_label_smoothing_and_crop_scale_out_of_range_are_one_line(
-    tiny, tmp_path, flag, value, message
-):
-    result = train("lenet", "--data-path", tiny, flag, value, "--output-dir", tmp_path / "o")
+def test_label_smoothing_and_crop_scale_out_of_range_are_one_line(capsys, flag, value, message):
+    parser = load_script("lenet", "train").get_args_parser()
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([flag, value])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"lenet/train.py: error: argument {flag}: {message}"
+
+
+def test_a_bad_number_is_one_line_from_the_command_line(tmp_path):
+    result = train("lenet", "--lr", "0", "--output-dir", tmp_path / "o")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert (
         result.stderr.strip().splitlines()[-1]
-        == f"lenet/train.py: error: argument {flag}: {message}"
+        == "lenet/train.py: error: argument --lr: 0 is not in (0, inf]"
     )
 
 
-def test_resume_from_another_model_or_dataset_is_refused(tiny, tmp_path):
-    first = train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir", tmp_path / "a")
-    assert first.returncode == 0, first.stderr[-2000:]
-    other_model = train(
-        "alexnet",
-        "--data-path",
-        tiny,
-        "--output-dir",
-        tmp_path / "b",
-        "--resume",
-        tmp_path / "a" / "last.pth",
-        "--image-size",
-        "64",
-    )
-    assert_one_line_error(other_model, "of the lenet folder", "use lenet/")
+def test_resume_from_another_model_or_dataset_is_refused(tiny, tiny_run, tmp_path):
+    last = tiny_run.parent / "last.pth"
+    argv = ["--data-path", tiny, "--output-dir", tmp_path / "b", "--resume", last]
+    refused("alexnet", *argv, "--image-size", "64", match="of the lenet folder.* use lenet/")
     (tiny / "train" / "c").rename(tiny / "train" / "d")
     (tiny / "val" / "c").rename(tiny / "val" / "d")
-    other_data = train("lenet", "--data-path", tiny, "--output-dir", tmp_path / "a", "--resume")
-    assert_one_line_error(other_data, "classes")
+    refused("lenet", *argv, "--epochs", "2", "--workers", "0", match="for the classes")
 
 
-def test_a_finished_run_is_not_overwritten(tiny, tmp_path):
-    out = tmp_path / "run"
-    assert train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir", out).returncode == 0
-    before = (out / "best.pth").read_bytes()
-    again = train("lenet", "--data-path", tiny, "--epochs", "1", "--output-dir", out)
-    assert_one_line_error(again, "--resume")
-    assert (out / "best.pth").read_bytes() == before
+def test_a_finished_run_is_not_overwritten(tiny, tiny_run, tmp_path):
+    before = tiny_run.read_bytes()
+    argv = ["--data-path", tiny, "--epochs", "1", "--output-dir", tiny_run.parent]
+    refused("lenet", *argv, match="holds a run: continue it with --resume")
+    assert tiny_run.read_bytes() == before
 
 
 def test_not_a_checkpoint_and_a_malicious_pickle_are_refused(tiny, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pth").write_text("not a checkpoint")
-    result = train("lenet", "--data-path", tiny, "--output-dir", out, "--resume")
-    assert_one_line_error(result, "not a checkpoint")
+    argv = ["--data-path", tiny, "--output-dir", out, "--resume"]
+    refused("lenet", *argv, match="not a checkpoint")
 
     marker = tmp_path / "pwned"
 
@@ -537,8 +508,7 @@ def test_not_a_checkpoint_and_a_malicious_pickle_are_refused(tiny, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"family": "lenet", "model": Exploit()}, out / "last.pth")
-    result = train("lenet", "--data-path", tiny, "--output-dir", out, "--resume")
-    assert_one_line_error(result, "not a checkpoint")
+    refused("lenet", *argv, match="not a checkpoint")
     assert not marker.exists()
 
 
@@ -605,8 +575,8 @@ def test_imagenet_weights_offline_name_the_file_and_where_it_goes(tiny, tmp_path
 
 
 def test_freeze_backbone_without_weights_is_refused(tiny, tmp_path):
-    result = train("vgg", "--data-path", tiny, "--freeze-backbone", "--output-dir", tmp_path)
-    assert_one_line_error(result, "--freeze-backbone needs --weights")
+    argv = ["--data-path", tiny, "--freeze-backbone", "--output-dir", tmp_path, "--arch", "vgg11"]
+    refused("vgg", *argv, match="--freeze-backbone needs --weights")
 
 
 def test_lenet_tutorial_dataset_offline_is_one_line(tmp_path):

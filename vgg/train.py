@@ -5,9 +5,8 @@
     $ python vgg/train.py --device cpu --arch vgg11_bn --epochs 3 --image-size 128
     $ python vgg/train.py --resume                        # continue runs/vgg16/last.pth
 
-AdamW with one epoch of linear warm-up, then cosine decay (VGG without batch norm diverges at
-rates much above its 1e-4); weight decay 0.05. Outputs go to vgg/runs/<arch>/: best.pth,
-last.pth, metrics.csv, curves.png and confusion_matrix.png. docs/training.md explains every flag.
+VGG without batch norm diverges at rates much above its 1e-4. Outputs go to vgg/runs/<arch>/:
+best.pth, last.pth, metrics.csv, curves.png and confusion_matrix.png. See docs/training.md.
 """
 
 import argparse
@@ -57,8 +56,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     model.load_state_dict(read_pretrained(args.arch), strict=True)
     if args.freeze_backbone:
         model.features.requires_grad_(False)
-    last = model.classifier[-1]
-    model.classifier[-1] = nn.Linear(last.in_features, num_classes)  # a new head
+    model.classifier[-1] = nn.Linear(model.classifier[-1].in_features, num_classes)  # a new head
     return model
 
 
@@ -119,20 +117,17 @@ def load_datasets(args: argparse.Namespace, run: Run, workers: int):
     train_set = utils.image_folder(root / "train", train_tf, 2 * args.image_size)
     val_set = utils.image_folder(root / "val", val_tf, 2 * round(args.image_size / 0.875))
     if train_set.classes != val_set.classes or len(train_set.classes) < 2:
+        found = f"{train_set.classes} vs {val_set.classes}"
         raise UserError(
-            f"{root}: train/ and val/ need the same two or more class folders "
-            f"({train_set.classes} vs {val_set.classes}); run `python split_data.py` again"
+            f"{root}: train/ and val/ need the same two or more class folders ({found})"
         )
-    classes = train_set.classes
-    return *utils.cache(train_set, val_set, args.cache, args.image_size, workers, run), classes
+    cached = utils.cache(train_set, val_set, args.cache, args.image_size, workers, run)
+    return *cached, train_set.classes
 
 
 def build_loaders(train_set, val_set, args: argparse.Namespace, run: Run, workers: int):
-    """This process's training and validation loaders, and the sampler to tell the epoch.
-
-    A shuffle seeded by (seed, epoch), split over the processes, with per-sample seeds for the
-    augmentation: a resumed run sees exactly the batches an uninterrupted one would.
-    """
+    """This process's loaders, and the sampler to tell the epoch: a shuffle seeded by (seed,
+    epoch), augmentation seeded per photo, so a resumed run sees the batches it would have."""
     kwargs = {"batch_size": args.batch_size, "num_workers": workers}
     kwargs |= {"pin_memory": run.device.type == "cuda", "persistent_workers": workers > 0}
     sampler = utils.EpochSampler(train_set, run.world_size, run.rank, seed=args.seed)
@@ -148,8 +143,7 @@ def build_loaders(train_set, val_set, args: argparse.Namespace, run: Run, worker
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW; biases and normalisation weights (1-d tensors) get no weight decay. The fused
-    kernel updates every tensor in one pass: faster on CPUs and GPUs alike."""
+    """AdamW (fused: all tensors in one pass); no weight decay on biases and norm weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
@@ -160,8 +154,7 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Op
 
 
 def make_scheduler(optimizer, steps_per_epoch: int, epochs: int) -> LambdaLR:
-    """One epoch of linear warm-up (a fifth of the run at most), then cosine decay to zero,
-    stepped once per optimizer step."""
+    """One epoch of linear warm-up (a fifth of the run at most), then cosine decay to zero."""
     total_steps = epochs * steps_per_epoch
     warmup_steps = min(steps_per_epoch, total_steps // 5)
 
@@ -177,10 +170,8 @@ def make_scheduler(optimizer, steps_per_epoch: int, epochs: int) -> LambdaLR:
 def steps_per_epoch(batches: int, args: argparse.Namespace) -> int:
     """Optimizer steps per epoch: one per --accum-steps batches (one with --dry-run)."""
     if batches < args.accum_steps and not args.dry_run:
-        raise UserError(
-            f"--accum-steps {args.accum_steps} needs that many batches per epoch, and there are "
-            f"{batches} of --batch-size {args.batch_size}; lower one of them"
-        )
+        found = f"{batches} batches of --batch-size {args.batch_size}"
+        raise UserError(f"--accum-steps {args.accum_steps}: an epoch has {found}; lower one")
     return 1 if args.dry_run else -(-batches // args.accum_steps)
 
 
@@ -200,8 +191,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoc
             module.train(module.weight.requires_grad)
     device, amp, accum = run.device, run.amp, args.accum_steps
     batches = min(accum, len(loader)) if args.dry_run else len(loader)
-    samples = len(loader.sampler)
-    sizes = [min(args.batch_size, samples - i * args.batch_size) for i in range(batches)]
+    sizes = [
+        min(args.batch_size, len(loader.sampler) - i * args.batch_size) for i in range(batches)
+    ]
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, loss x images, correct
     bar = tqdm(total=batches, desc=f"epoch {epoch} train", leave=False, disable=not run.is_main)
     if device.type == "cuda":
@@ -239,10 +231,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoc
         dist.all_reduce(sums)
     seen, loss_sum, correct = sums.tolist()
     if not math.isfinite(loss_sum):  # judged on the totals: every process stops alike
-        raise UserError(
-            f"loss became {loss_sum / seen} in epoch {epoch}: training diverged; "
-            f"try a lower --lr (now {args.lr:g})"
-        )
+        problem = f"loss became {loss_sum / seen} in epoch {epoch}: training diverged"
+        raise UserError(f"{problem}; try a lower --lr (now {args.lr:g})")
     row = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds}
     row |= {"img_s": seen / seconds, "data_wait": waited / seconds}
     if device.type == "cuda":  # the most this epoch's tensors took on this GPU
@@ -277,22 +267,17 @@ def evaluate(model, criterion, loader, args, run) -> dict:
     return {"loss": loss, "acc": accuracy, "predictions": predictions, "labels": labels}
 
 
-# Checkpoints and resuming
-
-
-def read_resume(args: argparse.Namespace, output_dir: Path, run: Run):
-    """The checkpoint --resume names (None for a new run) and args with its recipe.
-
-    The optimizer, the schedule and the data order continue as they were: a different recipe
-    flag given now is named and ignored. --batch-size and --accum-steps may change together
-    when their product stays: the same step in less memory (the out-of-memory advice).
-    """
+def prepare_outputs(args: argparse.Namespace, run: Run):
+    """The output folder (checked for writing); the checkpoint --resume names (None for a new
+    run) with args taking its recipe: a different flag given now is named and ignored, but for
+    --batch-size and --accum-steps with their product kept (as the out-of-memory advice has)."""
+    output_dir = output_dir_of(args)
+    if run.is_main:
+        utils.prepare_output_dir(output_dir)
     if args.resume is None or args.test_only:
         if (output_dir / "last.pth").exists() and not args.test_only:
-            raise UserError(
-                f"{output_dir} holds a run: continue it with --resume, or pass --output-dir"
-            )
-        return args, None
+            raise UserError(f"{output_dir} holds a run: continue it with --resume")
+        return args, output_dir, None
     path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
     checkpoint = utils.load_checkpoint(path.expanduser().resolve(), FAMILY)
     if "optimizer" not in checkpoint:
@@ -308,7 +293,10 @@ def read_resume(args: argparse.Namespace, output_dir: Path, run: Run):
         if run.is_main and getattr(args, name) != parser.get_default(name):
             flag = f"--{name.replace('_', '-')} {getattr(args, name)}"
             print(f"note: {flag} is ignored: the resumed run keeps the checkpoint's {saved}")
-    return argparse.Namespace(**{**vars(args), **changes}), {**checkpoint, "path": path}
+    return argparse.Namespace(**{**vars(args), **changes}), output_dir, {**checkpoint, "path": path}
+
+
+# Checkpoints and resuming
 
 
 def load_weights(model: nn.Module, checkpoint: dict, args, classes: list[str]) -> None:
@@ -377,8 +365,7 @@ def out_of_memory_message(args: argparse.Namespace) -> str:
     changes = {"--batch-size": str(max(1, args.batch_size // 2))}
     changes["--accum-steps"] = str(2 * args.accum_steps)
     last = output_dir_of(args) / "last.pth"
-    if last.is_file():
-        changes["--resume"] = str(last)
+    changes |= {"--resume": str(last)} if last.is_file() else {}
     what = "continue" if last.is_file() else "the same training"
     amp = "; --amp bf16 or fp16 also halves the activations" if args.amp == "off" else ""
     return (
@@ -389,10 +376,7 @@ def out_of_memory_message(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> None:
     run = utils.start_run(args.device, args.amp)
-    output_dir = output_dir_of(args)
-    if run.is_main:
-        utils.prepare_output_dir(output_dir)
-    args, resumed = read_resume(args, output_dir, run)
+    args, output_dir, resumed = prepare_outputs(args, run)
     torch.manual_seed(args.seed)
     workers = utils.loader_workers(args.workers, run)
     train_set, val_set, classes = load_datasets(args, run, workers)
@@ -401,11 +385,8 @@ def main(args: argparse.Namespace) -> None:
     utils.check_image_size(model, args.image_size, args.arch, run.device)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     if run.is_main:
-        each = " per process" if run.distributed else ""
-        print(
-            f"{args.arch} on {run}, {workers} workers{each}, batch {args.batch_size}: "
-            f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes"
-        )
+        images = f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes"
+        print(f"{args.arch} on {run}, {workers} workers, batch {args.batch_size}: {images}")
     if args.test_only:
         return test_only(model, criterion, val_loader, args, run, classes, output_dir)
     optimizer = make_optimizer(model, args)
