@@ -84,9 +84,9 @@ def tiny_run(tmp_path_factory) -> Path:
     return out / "best.pth"
 
 
-# Epochs of the one training per family on the sample that several tests share (two where
-# there is batch norm or none, one for the larger networks): VGG's
-# checkpoints are 1.5 GiB, so it trains one.
+# Epochs of the one training per family on the sample that several tests share: two for LeNet
+# (no batch norm) and ResNet (batch norm), one for the larger networks (VGG's last.pth alone is
+# 1.5 GiB).
 SAMPLE_EPOCHS = {"lenet": 2, "alexnet": 1, "vgg": 1, "googlenet": 1, "resnet": 2}
 
 

@@ -1,6 +1,7 @@
 """predict.py in every folder: right answers, every image kind, bad input, safe loading."""
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -32,8 +33,9 @@ def checkpoints(sample_runs) -> dict[str, Path]:
     return {family: out / "best.pth" for family, (_, out) in sample_runs.items()}
 
 
-def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tensor:
-    """What the checkpoint's network says of image, computed here without predict.py."""
+@functools.cache
+def direct_network(family: str, weights: Path):
+    """The checkpoint's network and preprocessing, built here without predict.py."""
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     model_py = load_module(REPO / family / "model.py", f"{family}_model_direct")
     n, state = len(checkpoint["classes"]), checkpoint["model"]
@@ -55,12 +57,18 @@ def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tenso
             T.Normalize(checkpoint["mean"], checkpoint["std"]),
         ]
     )
+    return model.eval(), pipeline, size
+
+
+def direct_probabilities(family: str, weights: Path, image: Path) -> torch.Tensor:
+    """What the checkpoint's network says of image, computed here without predict.py."""
+    model, pipeline, size = direct_network(family, weights)
     with Image.open(image) as img:
         # JPEGs are decoded at the reduced scale that keeps twice the resize (as train.py does).
         img.draft("RGB", (2 * round(size / 0.875),) * 2)
         x = pipeline(img.convert("RGB")).unsqueeze(0)
     with torch.no_grad():
-        return torch.softmax(model.eval()(x), dim=1)[0]
+        return torch.softmax(model(x), dim=1)[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
