@@ -353,11 +353,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add("--topk", type=utils.number(int, 1), default=5, help="classes listed per photo")
     add("--json", action="store_true", help="print the results as JSON, nothing else")
-    add("--save", type=Path, metavar="PATH", help="the figure, or --eval's folder for its outputs")
+    add("--save", type=Path, metavar="PATH", help="the figure, or --eval's folder (default: no)")
     add("--no-show", action="store_true", help="never open a window (else: where a display is)")
     add("--eval", action="store_true", help="score a folder of class folders: accuracy, mistakes")
     add("--cam", action="store_true", help="draw where the network looks (Grad-CAM)")
-    add("--cam-class", metavar="NAME", help="with --cam: explain this class, not the predicted")
+    add("--cam-class", metavar="NAME", help="with --cam: this class (default: the predicted)")
     add("-b", "--batch-size", type=utils.number(int, 1), default=32, help="photos per forward pass")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return parser

@@ -72,10 +72,8 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     count, index = torch.cuda.device_count(), device.index if local_rank is None else local_rank
     index = torch.cuda.current_device() if index is None else index
     if index >= count and local_rank is not None:
-        raise UserError(
-            f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', index + 1)} processes on this "
-            f"machine, which has {count} CUDA device(s): pass --nproc_per_node={count}"
-        )
+        started = f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', index + 1)} processes"
+        raise UserError(f"{started} for {count} CUDA device(s): pass --nproc_per_node={count}")
     if index >= count:
         raise UserError(f"--device {name}: this machine has {count} CUDA device(s), from 0")
     if (problem := cuda_problem(index)) and auto:
@@ -483,10 +481,8 @@ def report_end(history: list[dict], epochs: int, seconds: float, output_dir: Pat
 
 
 # Fonts with Chinese, Japanese or Korean, tried in this order where installed.
-CJK_FONTS = (
-    "Noto Sans CJK SC, Noto Sans CJK JP, Source Han Sans SC, WenQuanYi Zen Hei, "
-    "Microsoft YaHei, PingFang SC, Hiragino Sans GB, SimHei, Arial Unicode MS"
-).split(", ")
+CJK_FONTS = "Noto Sans CJK SC, Noto Sans CJK JP, Source Han Sans SC, WenQuanYi Zen Hei".split(", ")
+CJK_FONTS += "Microsoft YaHei, PingFang SC, Hiragino Sans GB, SimHei, Arial Unicode MS".split(", ")
 
 
 def use_fonts_for(texts: list[str]) -> None:
@@ -525,11 +521,15 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Fi
 # The command: its flags, its line, one-line errors, Ctrl-C
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a flag without a default says what it does itself
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def script_parser(doc: str, prog: str) -> argparse.ArgumentParser:
     """A parser whose help shows the script's docstring and every flag's default."""
-    kinds = (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter)
     text, epilog = doc.split("\n\n", 1)
-    return argparse.ArgumentParser(prog, None, text, epilog, formatter_class=type("F", kinds, {}))
+    return argparse.ArgumentParser(prog, None, text, epilog, formatter_class=HelpFormatter)
 
 
 def number(kind: type, low: float, high: float = math.inf, low_in=True, high_in=True):

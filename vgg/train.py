@@ -43,7 +43,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--arch", default=DEFAULTS["arch"], choices=list(ARCHS), help="network")
-    add("--weights", choices=["imagenet"], help="start from torchvision's ImageNet weights")
+    add("--weights", choices=["imagenet"], help="torchvision's ImageNet weights (default: no)")
     add("--freeze-backbone", action="store_true", help="with --weights: train the new head only")
 
 
@@ -424,7 +424,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--data-path", type=Path, default=FOLDER.parent / "data/flower_data", help="train/ + val/")
     add("--image-size", type=num(int, 1), default=d["image_size"], help="crop size in pixels")
     add("--cache", choices=["auto", "on", "off"], default="auto", help="decoded images in RAM")
-    add("-j", "--workers", type=num(int, 0), help="loader processes (default: CPUs, at most 8)")
+    add("-j", "--workers", type=num(int, 0), help="loader processes (default: CPUs, max 8)")
     add("--epochs", type=num(int, 1), default=30, help="epochs to train")
     add("-b", "--batch-size", type=num(int, 1), default=d["batch_size"], help="images per batch")
     add("--accum-steps", type=num(int, 1), default=1, help="batches per optimizer step")
@@ -437,7 +437,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision")
     add("--output-dir", type=Path, help="checkpoints, metrics and plots (default: runs/<arch>/)")
-    add("--resume", nargs="?", const="last", metavar="PATH", help="continue PATH (or last.pth)")
+    add("--resume", nargs="?", const="last", metavar="PATH", help="PATH or last.pth (default: no)")
     add("--test-only", action="store_true", help="evaluate best.pth (or --resume PATH) on val")
     add("--dry-run", action="store_true", help="one batch per epoch: a smoke test")
     add("--sync-bn", action="store_true", help="torchrun on GPUs: batch norm over all processes")
