@@ -256,8 +256,8 @@ def report(files, probabilities, classes: list[str], k: int, scores: dict | None
                 print(f"  {rank}. {entry['class']:<20} {entry['probability']:.3f}")
 
 
-def read_checkpoint(args: argparse.Namespace) -> tuple[dict, Path]:
-    """The checkpoint --weights (or --arch) names: of this folder, of --arch if given."""
+def read_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
+    """The network on device, the checkpoint --weights (or --arch) names, and its path."""
     weights = args.weights or FOLDER / "runs" / (args.arch or DEFAULT_ARCH) / "best.pth"
     weights = weights.expanduser().resolve()
     arch = f" --arch {args.arch}" if args.arch not in (None, DEFAULT_ARCH) else ""
@@ -273,7 +273,12 @@ def read_checkpoint(args: argparse.Namespace) -> tuple[dict, Path]:
         )
     if args.cam_class not in (None, *checkpoint["classes"]):
         raise UserError(f"--cam-class {args.cam_class}: not one of {checkpoint['classes']}")
-    return checkpoint, weights
+    try:
+        model = build_model(checkpoint).to(device, memory_format=torch.channels_last).eval()
+    except (RuntimeError, KeyError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"{weights} does not fit {checkpoint['arch']}: {detail}") from e
+    return model, checkpoint, weights
 
 
 def check_save_path(save: Path | None, folder: bool) -> Path | None:
@@ -299,13 +304,9 @@ def main(args: argparse.Namespace) -> int:
     if args.eval and (len(args.inputs) != 1 or args.cam or args.cam_class):
         raise UserError("--eval takes one folder of class sub-folders, without --cam")
     save = check_save_path(args.save, folder=args.eval)
-    checkpoint, weights = read_checkpoint(args)
-    classes, device = checkpoint["classes"], utils.pick_device(args.device)
-    try:
-        model = build_model(checkpoint).to(device, memory_format=torch.channels_last).eval()
-    except (RuntimeError, KeyError) as e:
-        detail = " ".join(str(e).split())[:300]
-        raise UserError(f"{weights} does not fit {checkpoint['arch']}: {detail}") from e
+    device = utils.pick_device(args.device)
+    model, checkpoint, weights = read_checkpoint(args, device)
+    classes = checkpoint["classes"]
     transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     draft = 2 * round(checkpoint["image_size"] / 0.875)  # as train.py decodes its val photos
     k, scores = min(args.topk, len(classes)), None
@@ -313,32 +314,26 @@ def main(args: argparse.Namespace) -> int:
         files, labels, problems = labelled_images(args.inputs[0].expanduser(), classes)
     else:
         files, problems = find_images(args.inputs)
-    read, probabilities, pictures, unreadable = predict(
-        model, files, transform, draft, args, device
-    )
+    read, probs, pictures, unreadable = predict(model, files, transform, draft, args, device)
     for problem in problems + unreadable:
         print(f"{FAMILY}/predict.py: error: {problem}", file=sys.stderr)
     if args.eval and not read:
         raise UserError(f"no photo of {args.inputs[0]} could be read")
     if args.eval:
-        scores = score(read, labels[[files.index(f) for f in read]], probabilities, classes, k)
+        scores = score(read, labels[[files.index(f) for f in read]], probs, classes, k)
         out = save or weights.parent / f"eval_{args.inputs[0].expanduser().resolve().name}"
         scores["outputs"] = [str(path) for path in write_evaluation(scores, classes, draft, out)]
-    report(read, probabilities, classes, k, scores, args)
+    report(read, probs, classes, k, scores, args)
     if scores and not args.json:
         print(f"saved {', '.join(Path(path).name for path in scores['outputs'])} in {out}")
     if read and not args.eval and (save or args.cam or args.cam_class or not args.json):
         cam, name = args.cam or args.cam_class, f"prediction_{read[0].stem}.png"
         if cam:
-            pictures = cam_pictures(
-                model, read, probabilities, args.cam_class, checkpoint, draft, device
-            )
+            pictures = cam_pictures(model, read, probs, args.cam_class, checkpoint, draft, device)
             name = f"cam_{read[0].stem}.png"
         figure = save / name if save and save.is_dir() else save or weights.parent / name
         note = f"\nGrad-CAM at {CAM_LAYER}" if cam else ""
-        draw(
-            read, probabilities, pictures, classes, k, figure, not (args.no_show or args.json), note
-        )
+        draw(read, probs, pictures, classes, k, figure, not (args.no_show or args.json), note)
         if not args.json:
             print(f"Grad-CAM at layer {CAM_LAYER}; " if cam else "", end="")
             print(f"figure saved to {figure}")
