@@ -13,9 +13,15 @@ test/ folder that training never reads). It is built in a temporary folder besid
 swapped in at the end, so an interrupted run never leaves half a split behind.
 """
 
-import _thread
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while the modules load: stop, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
+import contextlib
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -26,7 +32,6 @@ import stat
 import sys
 import tarfile
 import tempfile
-import threading
 import urllib.error
 import urllib.request
 import zipfile
@@ -43,8 +48,8 @@ FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
-# The extensions torchvision's ImageFolder reads: a file it would ignore must not be counted.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What the train scripts read (utils.IMAGE_SUFFIXES): a file they would skip is not counted.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
 MANIFEST = "split.json"
 SUBSETS = ("train", "val", "test")
@@ -134,14 +139,15 @@ def extract(archive: Path, dest: Path) -> None:
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
+                infos = [i for i in zf.infolist() if not i.filename.startswith("__MACOSX/")]
+                for info in infos:  # (__MACOSX/: the resource forks a Mac adds to a zip)
                     check_member_name(archive, info.filename)
                     mode = info.external_attr >> 16
                     if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                         raise SplitError(
                             f"{archive}: refusing {info.filename!r}, a link or special file"
                         )
-                zf.extractall(dest)
+                zf.extractall(dest, infos)
         else:
             with tarfile.open(archive) as tf:
                 for member in tf.getmembers():
@@ -243,34 +249,41 @@ def share(n: int, ratio: float) -> int:
 
 def place(src: Path, dst: Path, link: bool) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass  # another file system, or no hard links there: copy instead
-    shutil.copyfile(src, dst)
+    os.link(src, dst) if link else shutil.copyfile(src, dst)
+
+
+def can_link(src: Path, folder: Path) -> bool:
+    """Whether files can be hard-linked from src's file system into folder; if not, say so."""
+    try:
+        os.link(src, folder / ".link-probe")
+        (folder / ".link-probe").unlink()
+        return True
+    except OSError as e:
+        print(f"note: --link: {e.strerror} from {src.parent} to {folder}: copying instead")
+        return False
 
 
 def write_split(root, classes, out, ratios, seed, link, manifest) -> None:
     """Build train/, val/ (test/) and the manifest in a temporary sibling of out, then swap them in.
 
     Whatever fails (a full disk, Ctrl-C, a file that cannot be read), out keeps its previous
-    split whole: either every entry is swapped in or every one is put back.
+    split whole: either every entry is swapped in or every one is put back. Only a split that
+    split_data.py made, unchanged since, is replaced; anything else in out is the user's.
     """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SplitError(f"--out {out} cannot be created ({e.strerror or e})") from e
-    previous = out / MANIFEST
-    for sub in SUBSETS:
-        if (out / sub).exists() and not previous.exists():
-            raise SplitError(
-                f"{out / sub} exists but was not made by split_data.py (no {MANIFEST} beside "
-                f"it); move it away or choose another --out"
-            )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-split-", dir=out.parent))
+    found = [entry for entry in (*SUBSETS, MANIFEST) if (out / entry).exists()]
+    if found and not own_split(out):
+        found = ", ".join(f"{entry}/" if "." not in entry else entry for entry in found)
+        raise SplitError(
+            f"{out}: {found} not made by split_data.py (or changed since); move them away or "
+            f"choose another --out"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-split-{os.getpid()}-", dir=out.parent))
     try:
+        link = link and can_link(next(iter(classes.values()))[0], tmp)
         for name, files in classes.items():
             for subset, chosen in split_class(name, files, ratios, seed).items():
                 for src in chosen:
@@ -278,26 +291,91 @@ def write_split(root, classes, out, ratios, seed, link, manifest) -> None:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = tmp / "previous"
         old.mkdir()
-        swapped = []  # (entry, whether out had one)
-        try:
-            for entry in (*SUBSETS, MANIFEST):  # a test/ the new split lacks goes too
-                had = (out / entry).exists()
-                if had:
-                    (out / entry).replace(old / entry)
-                swapped.append((entry, had))
-                if (tmp / entry).exists():
-                    (tmp / entry).replace(out / entry)
-        except BaseException:
-            for entry, had in reversed(swapped):  # put the previous split back as it was
-                if (out / entry).exists() and not (tmp / entry).exists():
-                    (out / entry).replace(tmp / entry)
-                if had:
-                    (old / entry).replace(out / entry)
-            raise
+        with ctrl_c_held(out):  # from here a Ctrl-C waits until the split is whole and tidy
+            swap_in(tmp, old, out)
+            shutil.rmtree(tmp)
     except OSError as e:
         raise SplitError(f"{write_problem(e, out)}; {out} was left as it was") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(tmp: Path, old: Path, out: Path) -> None:
+    """Move out's split into old and tmp's into out; on any failure put out back as it was."""
+    swapped = []  # (entry, whether out had one)
+    try:
+        for entry in (*SUBSETS, MANIFEST):  # a test/ the new split lacks goes too
+            had = (out / entry).exists()
+            if had:
+                (out / entry).replace(old / entry)
+            swapped.append((entry, had))
+            if (tmp / entry).exists():
+                (tmp / entry).replace(out / entry)
+    except BaseException:
+        for entry, had in reversed(swapped):  # put the previous split back as it was
+            if (out / entry).exists() and not (tmp / entry).exists():
+                (out / entry).replace(tmp / entry)
+            if had:
+                (old / entry).replace(out / entry)
+        raise
+
+
+@contextlib.contextmanager
+def ctrl_c_held(out: Path):
+    """Hold a Ctrl-C until the block is done; then exit 130, saying the new split is in place."""
+    pressed = []
+    handler = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if pressed:
+        exit_interrupted(f"\nsplit_data.py: interrupted; the new split is whole in {out}")
+
+
+def own_split(out: Path) -> bool:
+    """Whether out's train/, val/ (test/) are the split its split.json describes: the digest
+    of their file names is the manifest's (a file added, removed or renamed: not ours)."""
+    try:
+        digest = json.loads((out / MANIFEST).read_text())["split_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    entries = []
+    for subset in SUBSETS:
+        files = (out / subset).rglob("*") if (out / subset).is_dir() else []
+        for p in (p for p in files if p.is_file() and not is_hidden(p, out / subset)):
+            name, *rest = p.relative_to(out / subset).parts
+            entries.append((name, subset, PurePosixPath(*rest)))
+    return split_digest(entries) == digest
+
+
+def split_digest(entries) -> str:
+    """sha256 of the split's file names, each (class, subset, path in the class folder)."""
+    h = hashlib.sha256()
+    for name, subset, path in sorted(entries, key=lambda e: (e[0], SUBSETS.index(e[1]), e[2])):
+        h.update(f"{subset}/{name}/{path.as_posix()}\n".encode())
+    return h.hexdigest()
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete the temporary folders that an earlier run into out left behind (killed, or
+    interrupted while cleaning up); those of a run still going on stay."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}-*-*"):
+        kind, _, rest = tmp.name[len(out.name) + 2 :].partition("-")
+        pid = rest.partition("-")[0]
+        if kind in ("split", "extract") and tmp.is_dir() and not running(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def running(pid: str) -> bool:
+    """Whether another process pid runs (where that cannot be told, as on Windows: True)."""
+    try:
+        os.kill(int(pid), 0) if os.name == "posix" else None  # signal 0: only a check
+        return int(pid) != os.getpid()
+    except (ValueError, ProcessLookupError):  # not a number; no such process
+        return False
+    except PermissionError:  # another user's
+        return True
 
 
 def write_problem(e: OSError, out: Path) -> str:
@@ -307,13 +385,14 @@ def write_problem(e: OSError, out: Path) -> str:
 
 
 def build_manifest(root, classes, ratios, seed, source, skipped) -> dict:
-    counts, digest = {}, hashlib.sha256()
+    counts, entries = {}, []
     for name, files in classes.items():
         subsets = split_class(name, files, ratios, seed)
         counts[name] = {subset: len(chosen) for subset, chosen in subsets.items()}
         for subset, chosen in subsets.items():
-            for p in sorted(chosen):
-                digest.update(f"{subset}/{name}/{p.relative_to(root / name).as_posix()}\n".encode())
+            entries += [
+                (name, subset, PurePosixPath(*p.relative_to(root / name).parts)) for p in chosen
+            ]
     totals = {sub: sum(c.get(sub, 0) for c in counts.values()) for sub in SUBSETS}
     return {
         "source": str(source),
@@ -323,7 +402,7 @@ def build_manifest(root, classes, ratios, seed, source, skipped) -> dict:
         "classes": counts,
         **totals,
         "skipped": skipped,
-        "split_sha256": digest.hexdigest(),
+        "split_sha256": split_digest(entries),
     }
 
 
@@ -331,26 +410,29 @@ def split(source: Path, out: Path, ratios: dict, seed: int, link: bool, label: s
     root = find_dataset_root(source)
     classes = list_classes(root)
     if not classes:
-        raise SplitError(
-            f"{source} holds no class folders; expected one sub-folder of images per class"
-        )
+        raise SplitError(f"{label} holds no class folders; expected one sub-folder of images each")
+    if (root / MANIFEST).is_file() or {"train", "val"} <= set(classes):
+        raise SplitError(f"{label} is a split (train/, val/): pass the photos it was made from")
     classes, skipped = check_images(classes, root)
     if skipped:
         print(f"warning: skipped {len(skipped)} file(s) that are not usable images:")
         for line in skipped:
             print(f"  {line}")
+    least = 3 if ratios["test"] else 2  # an image in each subset
     for name, files in classes.items():
-        if not files:
-            raise SplitError(f"class folder {root / name} holds no usable images")
+        if len(files) < least:
+            have = f"class {name!r} of {label} has {len(files)} usable image(s), a split needs"
+            raise SplitError(f"{have} {least}: add images, or remove the class folder")
         for subset, chosen in split_class(name, files, ratios, seed).items():
             if not chosen:
                 given = f"--val-ratio {ratios['val']}"
                 if ratios["test"]:
                     given += f" and --test-ratio {ratios['test']}"
-                change = "lower them" if subset == "train" else f"raise --{subset}-ratio"
+                enough = math.ceil(1000 / len(files)) / 1000  # a share that gives it one image
+                change = f"pass --{subset}-ratio {enough} or more" if subset != "train" else ""
                 raise SplitError(
                     f"class {name!r} has only {len(files)} image(s): with {given} none would "
-                    f"go to {subset}; add images or {change}"
+                    f"go to {subset}; add images or {change or 'lower them'}"
                 )
     manifest = build_manifest(root, classes, ratios, seed, label, skipped)
     before = out / MANIFEST
@@ -450,6 +532,10 @@ def prepare_out(out: Path, source: Path | None) -> None:
             f"--out {out} {where}: the next run would take train/ and val/ for classes; "
             f"choose an --out outside the source"
         )
+    for entry in (out / name for name in (*SUBSETS, MANIFEST) if source is not None):
+        if source.is_relative_to(entry):
+            part = f"part of {entry}, which the split replaces"
+            raise SplitError(f"--source {source} is {part}: pass the photos it was made from")
     above = out
     while not above.exists():
         above = above.parent
@@ -463,6 +549,8 @@ def prepare_out(out: Path, source: Path | None) -> None:
         raise SplitError(
             f"--out {out} cannot be created ({e.strerror or e}); choose a folder you can write"
         ) from e
+    if out.parent.is_dir():
+        remove_leftovers(out)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -491,7 +579,7 @@ def main(args: argparse.Namespace) -> None:
     if source.is_dir():
         split(source, out, ratios, args.seed, args.link, source)
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-{os.getpid()}-", dir=out.parent))
     try:
         print(f"extracting {source}")
         extract(source, tmp)
@@ -500,23 +588,15 @@ def main(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def keep_ctrl_c(unraisable) -> None:
-    """sys.unraisablehook: Python drops a Ctrl-C that lands in a finalizer (a progress bar's
-    __del__), and the run would go on; interrupt again a moment later, outside the cleanup."""
-    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
-        return sys.__unraisablehook__(unraisable)
-    threading.Timer(0.01, _thread.interrupt_main).start()
-
-
-def exit_interrupted() -> NoReturn:
-    """Exit with 130 (the shell's code for Ctrl-C), quietly: an object half built when Ctrl-C
-    came would fail its cleanup at exit, and that traceback would bury our message."""
+def exit_interrupted(message: str = "") -> NoReturn:
+    """Say message, exit with 130 (Ctrl-C's code), no traceback from a cleanup cut short."""
+    print(message, file=sys.stderr, end="\n" if message else "")
     sys.unraisablehook = lambda unraisable: None
     sys.exit(130)
 
 
 if __name__ == "__main__":
-    sys.unraisablehook = keep_ctrl_c
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt again
     try:
         main(get_args_parser().parse_args())
     except SplitError as e:
@@ -524,8 +604,5 @@ if __name__ == "__main__":
     except OSError as e:  # the cases above name what to do; this is the last resort
         sys.exit(f"split_data.py: error: {e.strerror or e}: {e.filename}")
     except KeyboardInterrupt:
-        print(
-            "\nsplit_data.py: interrupted; run again to finish (a partial download resumes)",
-            file=sys.stderr,
-        )
-        exit_interrupted()
+        message = "interrupted before the split was written; run again (a download resumes)"
+        exit_interrupted(f"\nsplit_data.py: {message}")

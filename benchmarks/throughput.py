@@ -83,7 +83,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "bf16_cpu": train_py.utils.cpu_has_fast_bf16(),
+        "bf16_cpu": train_py.utils.pick_amp("auto", torch.device("cpu"))[0] is not None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d"),
     }

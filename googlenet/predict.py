@@ -11,12 +11,17 @@ and photos go through train.py's validation preprocessing. Unreadable files are 
 stderr and the rest still predicted; the exit code is then 1. See docs/prediction.md.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): stop, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import csv
 import io
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -292,11 +297,12 @@ def check_save_path(save: Path | None, folder: bool) -> Path | None:
     if not folder and not save.is_dir() and save.suffix[1:].lower() not in ("", *formats):
         known = ", ".join("." + f for f in sorted(formats))
         raise UserError(f"--save {save}: matplotlib cannot write {save.suffix} files; use {known}")
-    above = save if save.is_dir() else save.parent
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        raise UserError(f"--save {save}: {above} is a file, not a folder")
+    folders = (save, *save.parents) if save.is_dir() else save.parents  # the files go in
+    above = next(p for p in folders if p.exists())  # the first of these that exists
+    try:  # a file in the way, a read-only folder: before any photo is predicted
+        tempfile.TemporaryFile(dir=above).close()
+    except OSError as e:
+        raise UserError(f"--save {save}: cannot write in {above} ({e.strerror or e})") from e
     return save.with_suffix(".png") if not (folder or save.is_dir() or save.suffix) else save
 
 
@@ -306,6 +312,10 @@ def main(args: argparse.Namespace) -> int:
     save = check_save_path(args.save, folder=args.eval)
     device = utils.pick_device(args.device)
     model, checkpoint, weights = read_checkpoint(args, device)
+    default = f"eval_{args.inputs[0].expanduser().resolve().name}" if args.eval else ""
+    out = save or weights.parent / default  # what this run writes, apart from what it reads:
+    written = out / "figure.png" if out.is_dir() and not args.eval else out
+    utils.check_apart(written, "--save" if save else "the default output", [*args.inputs, weights])
     classes = checkpoint["classes"]
     transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     draft = 2 * round(checkpoint["image_size"] / 0.875)  # as train.py decodes its val photos
@@ -321,7 +331,6 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"no photo of {args.inputs[0]} could be read")
     if args.eval:
         scores = score(read, labels[[files.index(f) for f in read]], probs, classes, k)
-        out = save or weights.parent / f"eval_{args.inputs[0].expanduser().resolve().name}"
         scores["outputs"] = [str(path) for path in write_evaluation(scores, classes, draft, out)]
     report(read, probs, classes, k, scores, args)
     if scores and not args.json:

@@ -10,6 +10,10 @@ cosine decay; weight decay 0.05. Outputs go to googlenet/runs/googlenet/: best.p
 metrics.csv, curves.png and confusion_matrix.png. docs/training.md explains every flag.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): stop, without a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
 import contextlib
 import math
@@ -171,9 +175,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoc
             module.train(module.weight.requires_grad)
     device, amp, accum = run.device, run.amp, args.accum_steps
     batches = min(accum, len(loader)) if args.dry_run else len(loader)
-    sizes = [
-        min(args.batch_size, len(loader.sampler) - i * args.batch_size) for i in range(batches)
-    ]
+    n, size = len(loader.sampler), args.batch_size  # this process's images, per batch
+    sizes = [min(size, n - i * size) for i in range(batches)]
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, loss x images, correct
     bar = tqdm(total=batches, desc=f"epoch {epoch} train", leave=False, disable=not run.is_main)
     if device.type == "cuda":
@@ -252,11 +255,13 @@ def prepare_outputs(args: argparse.Namespace, run: Run):
     run) with args taking its recipe: a different flag given now is named and ignored, but for
     --batch-size and --accum-steps with their product kept (as the out-of-memory advice has)."""
     output_dir = output_dir_of(args)
+    utils.check_apart(output_dir, "--output-dir", [args.data_path])
     if run.is_main:
         utils.prepare_output_dir(output_dir)
     if args.resume is None or args.test_only:
-        if (output_dir / "last.pth").exists() and not args.test_only:
-            raise UserError(f"{output_dir} holds a run: continue it with --resume")
+        if (last := output_dir / "last.pth").exists() and not args.test_only:
+            what = "continue its run with --resume" if last.is_file() else "a folder: move it away"
+            raise UserError(f"{output_dir} holds last.pth, {what}")
         return args, output_dir, None
     path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
     checkpoint = utils.load_checkpoint(path.expanduser().resolve(), FAMILY)
@@ -294,6 +299,8 @@ def restore(resumed, args, classes, model, optimizer, scheduler, scaler, run) ->
     load_weights(model, resumed, args, classes)
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # for a new --epochs
     if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
         scaler.load_state_dict(resumed["scaler"])
     if run.is_main:
@@ -305,23 +312,16 @@ def save_epoch(model, optimizer, scheduler, scaler, history, classes, args, outp
     """The epoch's line, metrics.csv and curves.png; best.pth (what predict.py reads) and
     last.pth, which adds the training state that --resume continues from. No random state:
     data order, augmentation and dropout are seeded per epoch and image."""
-    epoch, options = (
-        history[-1]["epoch"],
-        {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
-    )
+    epoch = history[-1]["epoch"]
+    options = {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)}
     best = {"family": FAMILY, "arch": args.arch, "model": model.state_dict(), "epoch": epoch}
     best |= {"classes": classes, "image_size": args.image_size, "mean": MEAN, "std": STD}
     best["args"] = {**vars(args), **options}  # plain values only, as torch.load(weights_only) reads
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     training |= {"scaler": scaler.state_dict(), "history": history}
-    try:
-        utils.log_epoch(history, args.epochs, output_dir)
-        utils.write_file(output_dir / "best.pth", partial(torch.save, best))
-        utils.write_file(output_dir / "last.pth", partial(torch.save, {**best, **training}))
-    except UserError as e:
-        held = f"{output_dir / 'last.pth'} holds epoch {epoch - 1}; fix that, then continue "
-        held += "with --resume"
-        raise UserError(f"{e}; {held if epoch > 1 else 'nothing was saved yet'}") from e
+    utils.log_epoch(history, args.epochs, output_dir)
+    utils.write_file(output_dir / "best.pth", partial(torch.save, best))
+    utils.write_file(output_dir / "last.pth", partial(torch.save, {**best, **training}))
 
 
 def test_only(model, criterion, loader, args, run, classes, output_dir: Path) -> None:
@@ -348,10 +348,8 @@ def out_of_memory_message(args: argparse.Namespace) -> str:
     changes |= {"--resume": str(last)} if last.is_file() else {}
     what = "continue" if last.is_file() else "the same training"
     amp = "; --amp bf16 or fp16 also halves the activations" if args.amp == "off" else ""
-    return (
-        f"CUDA ran out of memory at --batch-size {args.batch_size}; {what} in about half "
-        f"the memory: {utils.command_with(changes)}{amp}"
-    )
+    advice = f"{what} in about half the memory: {utils.command_with(changes)}{amp}"
+    return f"CUDA ran out of memory at --batch-size {args.batch_size}; {advice}"
 
 
 def main(args: argparse.Namespace) -> None:
@@ -390,9 +388,10 @@ def main(args: argparse.Namespace) -> None:
                 save_epoch(model, optimizer, scheduler, scaler, history, classes, args, output_dir)
             saved = epoch
     except KeyboardInterrupt:
-        if run.is_main:
-            utils.report_interrupt(epoch, saved, output_dir / "last.pth")
-        utils.exit_interrupted()
+        stopped = f"\ninterrupted in epoch {epoch}; {utils.kept(saved, output_dir)}"
+        utils.exit_interrupted(stopped if run.is_main else "")
+    except UserError as e:  # an unreadable photo, a full disk: say what is saved
+        raise UserError(f"{e}; {utils.kept(saved, output_dir)}") from e
     if run.is_main:
         utils.report_confusion(val, classes, output_dir / "confusion_matrix.png")
         utils.report_end(history, args.epochs, time.perf_counter() - started, output_dir)

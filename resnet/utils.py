@@ -1,13 +1,11 @@
 """The plumbing of train.py and predict.py: device and precision, torchrun, photos, the cache
 and seeded sampling, atomic writes and checkpoints, figures, one-line errors and Ctrl-C.
 
-Byte-identical in the five folders (a test compares them), so that each folder runs on its own:
-fix it in resnet/, then run `python tests/sync_shared.py`.
-"""
+Byte-identical in the five folders (a test compares them), so that each folder runs on its
+own: fix it in resnet/, then run `python tests/sync_shared.py`."""
 
-import _thread
 import argparse
-import errno
+import atexit
 import io
 import math
 import os
@@ -15,8 +13,6 @@ import random
 import shlex
 import signal
 import sys
-import tempfile
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,27 +42,21 @@ class UserError(Exception):
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
-    """The device --device names (auto: CUDA, then MPS, then the CPU). A CUDA device always
-    has its index, as set_device needs: LOCAL_RANK's GPU under torchrun, else the one named or
-    the current one."""
-    auto = name == "auto"
-    if auto:
+    """The device --device names (auto: CUDA, MPS, the CPU); a GPU with its index, as set_device
+    needs: LOCAL_RANK's under torchrun, else the one named or the current one."""
+    if auto := name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
         name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
     try:
         device = torch.device(name)
     except RuntimeError:
         device = torch.device("meta")  # refused below
-    available = {
-        "cpu": 1,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
+    available = {"cpu": 1, "cuda": torch.cuda.is_available()}
+    available["mps"] = torch.backends.mps.is_available()
     if device.type not in available:
         raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if not available[device.type]:
-        what = device.type.upper()
-        raise UserError(f"--device {name}: {what} is not available here; use --device cpu")
+        raise UserError(f"--device {name}: {device.type} is not available here; use --device cpu")
     if device.type != "cuda":
         return device
     count, index = torch.cuda.device_count(), device.index if local_rank is None else local_rank
@@ -99,11 +89,9 @@ def cuda_problem(index: int) -> str | None:
             return None
     if not archs:
         return None  # nothing to check against
-    return (
-        f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no "
-        f"kernels in this PyTorch build ({' '.join(archs)}); install a build whose "
-        f"torch.cuda.get_arch_list() lists sm_{major}{minor}"
-    )
+    gpu = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+    build = f"this PyTorch build ({' '.join(archs)}); install a build whose"
+    return f"{gpu} has no kernels in {build} torch.cuda.get_arch_list() lists sm_{major}{minor}"
 
 
 @dataclass(frozen=True)
@@ -132,19 +120,15 @@ def start_run(device_name: str, amp_name: str) -> Run:
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else None
     device = pick_device(device_name, local_rank)
     if world_size > 1 and device.type == "mps":
-        raise UserError(
-            "torchrun on MPS: PyTorch's DistributedDataParallel does not run there; train in "
-            "one process (python train.py), or pass --device cpu to run the processes on the CPU"
-        )
+        raise UserError("torchrun on MPS: DDP does not run there; use one process or --device cpu")
     if device.type == "cuda":  # cuda:N: kernels, memory figures and autocast all use GPU N
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # the fastest kernels for these fixed shapes
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if world_size > 1 else 1
-    return Run(
-        device, *pick_amp(amp_name, device), int(os.environ.get("RANK", 0)), world_size, local
-    )
+    return Run(device, *pick_amp(amp_name, device), rank, world_size, local)
 
 
 def distribute(model: nn.Module, run: Run, sync_bn: bool, compile: bool) -> nn.Module:
@@ -154,8 +138,8 @@ def distribute(model: nn.Module, run: Run, sync_bn: bool, compile: bool) -> nn.M
     if sync_bn and run.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if run.distributed:
-        device_ids = None if run.device.type == "cpu" else [run.device.index]
-        model = DistributedDataParallel(model, device_ids=device_ids)
+        ids = None if run.device.type == "cpu" else [run.device.index]
+        model = DistributedDataParallel(model, device_ids=ids)
     return torch.compile(model) if compile else model
 
 
@@ -168,9 +152,8 @@ def share_buffers(model: nn.Module, run: Run) -> None:
 
 def loader_workers(workers: int | None, run: Run) -> int:
     """--workers, or by default the CPU count (at most 8) shared by this machine's processes."""
-    return (
-        max(1, min(8, os.cpu_count() or 1) // run.local_world_size) if workers is None else workers
-    )
+    cpus = min(8, os.cpu_count() or 1)
+    return max(1, cpus // run.local_world_size) if workers is None else workers
 
 
 def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
@@ -186,21 +169,17 @@ def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
         if major >= 8:
             return torch.bfloat16, f"bf16: compute capability {major}.{minor} runs it natively"
         return torch.float16, f"fp16 with a grad scaler: compute capability {major}.{minor}"
-    if device.type == "cpu" and cpu_has_fast_bf16():
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if device.type == "cpu" and (" avx512_bf16" in flags or " amx_bf16" in flags):
         return torch.bfloat16, "bf16: this CPU has AVX-512 BF16 or AMX"
     return None, f"off: no fast half precision on {device.type} here"
 
 
-def cpu_has_fast_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 def check_image_size(model: nn.Module, image_size: int, arch: str, device: torch.device) -> None:
     """Fail early, in one line, when --image-size does not fit the network."""
-    probe = torch.zeros(2, 3, image_size, image_size, device=device)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     try:
+        probe = torch.zeros(2, 3, image_size, image_size, device=device)
         with torch.no_grad():
             model.eval()(probe)
             if not has_bn:  # train mode runs extra heads (GoogLeNet's); BN statistics must not move
@@ -208,9 +187,8 @@ def check_image_size(model: nn.Module, image_size: int, arch: str, device: torch
     except RuntimeError as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":
             raise  # the GPU's own trouble, not the image size
-        raise UserError(
-            f"--image-size {image_size} does not fit {arch} ({e})".split("\n")[0]
-        ) from e
+        problem = "needs more memory than there is" if "alloc" in str(e) else f"does not fit {arch}"
+        raise UserError(f"--image-size {image_size} {problem} ({e})".split("\n")[0]) from e
     finally:
         model.train()
 
@@ -245,16 +223,12 @@ def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
         raise ValueError(f"too many pixels, refused as a possible decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
         raise ValueError("not an image Pillow can read") from e
-    except (OSError, SyntaxError, EOFError) as e:
-        raise ValueError(f"the image is damaged or truncated ({e})") from e
+    except (OSError, SyntaxError, EOFError) as e:  # damaged, truncated, or not readable
+        raise ValueError(f"cannot be read or decoded ({e})") from e
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit to 8-bit
-    elif img.mode == "F":
-        img = img.point(lambda v: v * 255).convert("L")  # floats in [0, 1]
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)  # transparent parts become white
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
 
 
@@ -274,18 +248,17 @@ def load_image(path: str, draft: int | None = None) -> Image.Image:
     try:
         return open_rgb(Path(path), draft)
     except ValueError as e:
-        raise UserError(f"cannot read image {path} ({e}); remove it or run split_data.py") from e
+        raise UserError(f"cannot read image {path} ({e}); fix or remove it") from e
 
 
 def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run):
     """The ImageFolders decoded once into RAM, if --cache says so: training keeps twice the crop
     size, validation the output of its first two steps (resize, crop): the same results."""
     need = (len(train_set) + len(val_set)) * 4 * (2 * image_size) ** 2 * run.local_world_size
-    if how == "auto":  # on when the decoded images (4:3 photos) take under 1/8 of the RAM
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if os.name == "posix" else 0
-        how = "on" if need < ram / 8 else "off"
-        if run.is_main:
-            print(f"--cache auto: {how}, about {need / 2**20:.0f} of {ram / 2**20:.0f} MiB of RAM")
+    ram = memory_limit()  # auto: on when the decoded images (4:3 photos) take under 1/8 of it
+    how = ("on" if need < ram / 8 else "off") if how == "auto" else how
+    if run.is_main:
+        print(f"--cache {how}: the images take about {need / 2**20:.0f} of {ram / 2**20:.0f} MiB")
     if how == "off":
         return train_set, val_set
 
@@ -294,13 +267,26 @@ def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run)
         return TF.pil_to_tensor(TF.resize(image, 2 * image_size) if small else image)
 
     steps = val_set.transform.transforms
-    train_set = CachedImages(train_set, shrink, train_set.transform, workers)
-    prepare = T.Compose([*steps[:2], T.PILToTensor()])
-    val_set = CachedImages(val_set, prepare, T.Compose(steps[2:]), workers)
-    if run.is_main:
-        mib = (train_set.nbytes + val_set.nbytes) / 2**20
-        print(f"cached {len(train_set) + len(val_set)} images ({mib:.0f} MiB in each process)")
+    try:
+        train_set = CachedImages(train_set, shrink, train_set.transform, workers)
+        prepare = T.Compose([*steps[:2], T.PILToTensor()])
+        val_set = CachedImages(val_set, prepare, T.Compose(steps[2:]), workers)
+    except MemoryError as e:
+        raise UserError("--cache: the decoded images do not fit in memory; use --cache off") from e
     return train_set, val_set
+
+
+def memory_limit() -> int:
+    """The bytes this process may use: the RAM, or less under `ulimit -v` or a container's limit."""
+    if os.name != "posix":
+        return 0
+    import resource
+
+    cgroup = Path("/sys/fs/cgroup/memory.max")  # cgroup v2: bytes, or "max"
+    text = cgroup.read_text().strip() if cgroup.is_file() else "max"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [ram, int(text) if text.isdigit() else 0, resource.getrlimit(resource.RLIMIT_AS)[0]]
+    return min(n for n in limits if n > 0)  # an unlimited `ulimit -v` is -1
 
 
 class CachedImages(Dataset):
@@ -345,15 +331,10 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        # The CPU generator alone (torch.manual_seed would also queue every GPU's: 50x slower),
-        # put back afterwards so the training process's own random stream is untouched.
-        generator = torch.default_generator
-        state = generator.get_state()
-        generator.manual_seed(seed_for(self.seed, epoch, index))
-        try:
+        # The CPU generator alone (torch.manual_seed would seed every GPU too: 50x slower).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed_for(self.seed, epoch, index))
             return self.dataset[index]
-        finally:
-            generator.set_state(state)
 
 
 # Files: atomic writes, checkpoints, the output folder
@@ -385,8 +366,6 @@ def write_file(path: Path, write) -> None:
         cause = e if isinstance(e, OSError) else getattr(f, "error", None)
         if cause is None:
             raise
-        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on {path.parent} to write {path.name}") from e
         raise UserError(f"cannot write {path} ({cause.strerror or cause})") from e
     finally:
         tmp.unlink(missing_ok=True)
@@ -398,30 +377,68 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 def load_checkpoint(path: Path, family: str) -> dict:
     """A checkpoint of this family's train.py (weights_only: nothing arbitrary is unpickled)."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # none there, a folder, no permission
+        raise UserError(f"cannot read checkpoint {path} ({e.strerror or e})") from e
     except Exception as e:  # weights_only refuses anything but plain data, with varied errors
-        raise UserError(f"{path} is not a checkpoint (only tensors and plain values load)") from e
-    if not isinstance(checkpoint, dict) or not {"model", "family", "arch"} <= set(checkpoint):
+        what = "damaged, truncated, or holding more than tensors and plain values"
+        raise UserError(f"{path} is not a checkpoint ({what})") from e
+    keys = {"model", "family", "arch", "classes", "image_size", "mean", "std"}
+    model = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(model, dict) or not keys <= set(checkpoint):
         raise UserError(f"{path} is not a checkpoint written by a train.py of this project")
     if checkpoint["family"] != family:
         theirs = f"{checkpoint['arch']} of the {checkpoint['family']} folder"
         raise UserError(
             f"{path} holds {theirs}, not a {family} network; use {checkpoint['family']}/"
         )
+    if not (isinstance(checkpoint["image_size"], int) and checkpoint["image_size"] > 0):
+        raise UserError(f"{path}: its image_size {checkpoint['image_size']!r} is not a size")
+    if not all(t.isfinite().all() for t in model.values() if isinstance(t, torch.Tensor)):
+        raise UserError(f"{path} holds NaN or infinite weights: the run that wrote it diverged")
     return checkpoint
 
 
+def check_apart(output: Path, flag: str, inputs) -> None:
+    """Refuse, before any work, an output that is, lies inside or holds a path the run reads
+    (links resolved): it would overwrite that path, or add files that the next run reads."""
+    output = output.expanduser().resolve()
+    for path in (Path(p).expanduser().resolve() for p in inputs):
+        inside, holds = output.is_relative_to(path), path.is_relative_to(output)
+        where = "would overwrite" if output == path else "is inside" if inside else "contains"
+        if inside or holds:
+            raise UserError(f"{flag} {output} {where} {path}, which the run reads; write elsewhere")
+
+
 def prepare_output_dir(output_dir: Path) -> None:
-    """Create --output-dir and make sure it takes files, before any time is spent training."""
+    """Create --output-dir and hold it while the run lives, before any time is spent: its .lock
+    names this process (removed at exit), so a second run into the folder is refused."""
+    lock = output_dir / ".lock"
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
+        if lock.is_file() and not running(lock.read_text()):
+            lock.unlink()  # left by a run that was killed
+        with open(lock, "x") as f:  # exclusive: of two runs starting together, one gets it
+            f.write(str(os.getpid()))
     except OSError as e:
+        if isinstance(e, FileExistsError) and lock.is_file():  # another run holds the folder
+            holder = f"another run (process {lock.read_text()[:10]}) writes to {output_dir}"
+            raise UserError(f"{holder}; wait for it, or pass another --output-dir") from None
         problem = "is a file" if output_dir.is_file() else f"cannot be written ({e.strerror or e})"
         raise UserError(f"--output-dir {output_dir} {problem}; pass a folder you can write") from e
+    atexit.register(lock.unlink, missing_ok=True)
+
+
+def running(pid: str) -> bool:
+    """Whether another process pid runs (where that cannot be told, as on Windows: True)."""
+    try:
+        os.kill(int(pid), 0) if os.name == "posix" else None  # signal 0: only a check
+        return int(pid) != os.getpid()
+    except (ValueError, ProcessLookupError):  # not a number; no such process
+        return False
+    except PermissionError:  # another user's
+        return True
 
 
 # Reports and figures
@@ -440,8 +457,9 @@ def log_epoch(history: list[dict], epochs: int, output_dir: Path) -> None:
     lines = [",".join(row)] + [",".join(f"{r.get(c, math.nan):.6g}" for c in row) for r in history]
     write_file(output_dir / "metrics.csv", lambda f: f.write("\n".join(lines + [""]).encode()))
     fig = Figure(figsize=(10, 4), layout="constrained")
-    for ax, key in zip(fig.subplots(1, 2), ("loss", "acc"), strict=True):
-        metric = {"loss": "loss", "acc": "accuracy"}[key]
+    for ax, key, metric in zip(
+        fig.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy"], strict=True
+    ):
         for split in ("train", "val"):
             values = [r[f"{split}_{key}"] for r in history]
             ax.plot([r["epoch"] for r in history], values, "o-", label=split)
@@ -454,44 +472,37 @@ def log_epoch(history: list[dict], epochs: int, output_dir: Path) -> None:
 
 def report_confusion(result: dict, classes: list[str], path: Path) -> None:
     """Print per-class accuracy and save the confusion matrix of result as a picture."""
-    k = len(classes)
-    matrix = torch.bincount(result["labels"] * k + result["predictions"], minlength=k * k).view(
-        k, k
-    )
-    width = max(len(c) for c in classes) + 2
-    print(f"{'class':<{width}}{'val images':>11}{'accuracy':>10}")
-    for i, name in enumerate(classes):
-        total = matrix[i].sum().item()
-        print(f"{name:<{width}}{total:>11}{matrix[i, i].item() / max(total, 1):>10.3f}")
+    k, labels = len(classes), result["labels"]
+    matrix = torch.bincount(labels * k + result["predictions"], minlength=k * k).view(k, k)
+    accuracy = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
+    per_class = ", ".join(f"{c} {a:.3f}" for c, a in zip(classes, accuracy, strict=True))
+    print(f"val accuracy per class: {per_class}")
     save_figure(confusion_figure(matrix, classes, f"val accuracy {result['acc']:.3f}"), path)
 
 
-def report_interrupt(epoch: int, saved: int, last: Path) -> None:
-    if saved == 0:
-        print(f"\ninterrupted in epoch {epoch}, before any epoch was saved", file=sys.stderr)
-        return
-    resume = command_with({"--resume": str(last)})
-    print(f"\ninterrupted in epoch {epoch}; {last} holds epoch {saved}. Continue with:\n  {resume}")
+def kept(saved: int, output_dir: Path) -> str:
+    """What a run that stops now leaves, and how to go on from it."""
+    last = output_dir / "last.pth"
+    if not saved:
+        return "no epoch was saved yet"
+    return f"{last} holds epoch {saved}; continue with: {command_with({'--resume': str(last)})}"
 
 
 def report_end(history: list[dict], epochs: int, seconds: float, output_dir: Path) -> None:
     best = max(history, key=lambda row: row["val_acc"])  # the earliest of ties
-    kept = f"best.pth keeps the last epoch; {seconds / 60:.1f} min; outputs in {output_dir}"
-    print(f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}/{epochs}; {kept}")
-
-
-# Fonts with Chinese, Japanese or Korean, tried in this order where installed.
-CJK_FONTS = "Noto Sans CJK SC, Noto Sans CJK JP, Source Han Sans SC, WenQuanYi Zen Hei".split(", ")
-CJK_FONTS += "Microsoft YaHei, PingFang SC, Hiragino Sans GB, SimHei, Arial Unicode MS".split(", ")
+    note = f"best.pth keeps the last epoch; {seconds / 60:.1f} min; outputs in {output_dir}"
+    print(f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}/{epochs}; {note}")
 
 
 def use_fonts_for(texts: list[str]) -> None:
-    """Let matplotlib draw class names in any script: DejaVu Sans, then an installed CJK font;
-    where none is installed, one note instead of a warning per missing character."""
+    """Let matplotlib draw class names in any script: DejaVu Sans, then the installed ones of
+    these CJK fonts; where none is installed, one note instead of a warning per character."""
     from matplotlib import font_manager, rcParams
 
+    cjk = "Noto Sans CJK SC, Noto Sans CJK JP, Source Han Sans SC, WenQuanYi Zen Hei, Microsoft "
+    cjk += "YaHei, PingFang SC, Hiragino Sans GB, SimHei, Arial Unicode MS"
     installed = {font.name for font in font_manager.fontManager.ttflist}
-    fallbacks = [name for name in CJK_FONTS if name in installed]
+    fallbacks = [name for name in cjk.split(", ") if name in installed]
     rcParams["font.family"] = ["DejaVu Sans", *fallbacks]
     beyond = sorted({c for text in texts for c in text if ord(c) >= 0x2E80})  # CJK and after
     if beyond and not fallbacks:
@@ -551,23 +562,13 @@ def command_with(changes: dict[str, str]) -> str:
     launcher = ["python"]
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: restart the same way
         launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
-        if os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
-            launcher.insert(1, "--standalone")
     changed = [part for flag, value in changes.items() for part in (flag, value)]
     return shlex.join([*launcher, *sys.argv, *changed])
 
 
-def keep_ctrl_c(unraisable) -> None:
-    """sys.unraisablehook: Python drops a Ctrl-C that lands in a finalizer (a progress bar's
-    __del__), and the run would go on; interrupt again a moment later, outside the cleanup."""
-    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
-        return sys.__unraisablehook__(unraisable)
-    threading.Timer(0.01, _thread.interrupt_main).start()
-
-
-def exit_interrupted() -> NoReturn:
-    """Exit with 130 (the shell's code for Ctrl-C), quietly: an object half built when Ctrl-C
-    came would fail its cleanup at exit, and that traceback would bury our message."""
+def exit_interrupted(message: str = "") -> NoReturn:
+    """Say message, exit with 130 (Ctrl-C's code), no traceback from a cleanup cut short."""
+    print(message, file=sys.stderr, end="\n" if message else "")
     sys.unraisablehook = lambda unraisable: None
     sys.exit(130)
 
@@ -575,8 +576,8 @@ def exit_interrupted() -> NoReturn:
 def run_command(main, parser: argparse.ArgumentParser, out_of_memory=None) -> NoReturn:
     """Run main(args) as a command: a UserError is one line, Ctrl-C (or SIGTERM) exits 130,
     and out_of_memory(args), if given, says what to do when the GPU's memory runs out."""
-    sys.unraisablehook = keep_ctrl_c
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a KeyboardInterrupt
+    for signum in (signal.SIGINT, signal.SIGTERM):  # both raise KeyboardInterrupt from here
+        signal.signal(signum, signal.default_int_handler)
     args, name = parser.parse_args(), parser.prog
     rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ else ""
     try:
@@ -586,8 +587,7 @@ def run_command(main, parser: argparse.ArgumentParser, out_of_memory=None) -> No
         message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]
         sys.exit(f"{rank}{name}: error: {message}")
     except KeyboardInterrupt:  # the epoch loop reports its own, then exits
-        print(f"\n{name}: interrupted", file=sys.stderr)
-        exit_interrupted()
+        exit_interrupted(f"\n{name}: interrupted")
     except torch.cuda.OutOfMemoryError:
         if out_of_memory is None:
             raise

@@ -327,7 +327,7 @@ def test_link_makes_hard_links(tmp_path):
         (lambda src: None, ["--val-ratio", "1.5"], "--val-ratio"),
         (lambda src: shutil.rmtree(src), [], "does not exist"),
         (lambda src: [shutil.rmtree(p) for p in src.iterdir()], [], "no class folders"),
-        (lambda src: [p.unlink() for p in (src / "b").iterdir()], [], "no usable images"),
+        (lambda src: [p.unlink() for p in (src / "b").iterdir()], [], "has 0 usable image"),
         (lambda src: None, ["--val-ratio", "0.05"], "none would go to val"),
         (lambda src: (src / "file.txt").write_text("x"), ["--source-is-file"], "neither"),
     ],
@@ -353,13 +353,14 @@ def test_never_replaces_a_train_folder_it_did_not_make(tmp_path):
     assert mine.read_bytes() == b"user data"
 
 
-def test_ctrl_c_handling_is_utils_pys():
-    """split_data.py stands alone, so it repeats utils.py's Ctrl-C handling: the copies match."""
+def test_the_code_it_repeats_is_utils_pys():
+    """split_data.py stands alone, so it repeats utils.py's Ctrl-C exit and its check for a
+    running process: the copies match."""
 
     def functions(path: Path) -> dict[str, str]:
         tree = ast.parse(path.read_text())
         return {n.name: ast.dump(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
 
     ours, utils = functions(SCRIPT), functions(REPO / "resnet" / "utils.py")
-    for name in ("keep_ctrl_c", "exit_interrupted"):
+    for name in ("running", "exit_interrupted"):
         assert ours[name] == utils[name], f"split_data.py's {name} is not resnet/utils.py's"
