@@ -424,7 +424,7 @@ def prepare_output_dir(output_dir: Path) -> None:
     except OSError as e:
         if isinstance(e, FileExistsError) and lock.is_file():  # another run holds the folder
             holder = f"another run (process {lock.read_text()[:10]}) writes to {output_dir}"
-            raise UserError(f"{holder}; wait for it, or pass another --output-dir") from None
+            raise UserError(f"{holder}; wait for it, or delete {lock.name} if none runs") from None
         problem = "is a file" if output_dir.is_file() else f"cannot be written ({e.strerror or e})"
         raise UserError(f"--output-dir {output_dir} {problem}; pass a folder you can write") from e
     atexit.register(lock.unlink, missing_ok=True)
