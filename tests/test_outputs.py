@@ -52,30 +52,19 @@ def split(tmp_path) -> Path:
 
 
 def test_the_probes_cases_lose_nothing(split, tiny_run, tmp_path):
-    """Issue 22's cases 1, 3 and 5 as a user types them: refused in one line, and every photo
-    and split file byte-identical afterwards."""
+    """Issue 22's cases 1, 3 and 5 as a user types them: refused before any work (predict.py
+    in this process, as run_command runs it), every photo and split file byte-identical."""
     before = digests(split)
     photo = next((split / "test" / "a").iterdir())
-    cases = [
-        ("lenet/predict.py", photo, "--weights", tiny_run, "--save", photo),  # 1
-        (
-            "lenet/predict.py",
-            split / "test",
-            "--eval",
-            "--weights",
-            tiny_run,
-            "--save",
-            split / "test" / "b",
-        ),  # 5
-        ("split_data.py", "--source", split / "train", "--out", split, "--val-ratio", "0.2"),  # 3
-    ]
-    for script, *args in cases:
-        result = run(script, *args)
-        last = assert_one_line_error(
-            result, script, "which the run reads" if "predict" in script else "replaces"
-        )
-        assert result.stdout == "", script  # refused before any work
-        assert str(split) in last
+    predict_py = load_script("lenet", "predict")
+    with pytest.raises(predict_py.UserError, match=f"--save {photo} would overwrite {photo}"):
+        call(predict_py, photo, "--weights", tiny_run, "--save", photo)  # 1
+    evaluation = [split / "test", "--eval", "--weights", tiny_run, "--save", split / "test" / "b"]
+    with pytest.raises(predict_py.UserError, match=f"{split}/test/b is inside {split}/test,"):
+        call(predict_py, *evaluation)  # 5
+    result = run("split_data.py", "--source", split / "train", "--out", split, "--val-ratio", "0.2")
+    last = assert_one_line_error(result, "split_data.py", "which the split replaces")  # 3
+    assert result.stdout == "" and str(split / "train") in last
     assert digests(split) == before
 
 
@@ -367,17 +356,16 @@ def test_lenet_names_the_one_image_size_it_takes(tiny):
 
 def test_the_cache_under_a_memory_limit_is_one_line(tiny, monkeypatch):
     """Case 6: auto reads `ulimit -v` and a container's limit; on, out of memory, is one line."""
-    probe = "import resource, sys; sys.path.insert(0, 'lenet'); import utils; "
-    probe += "free = utils.memory_limit(); "
-    probe += "resource.setrlimit(resource.RLIMIT_AS, (2**33, resource.RLIM_INFINITY)); "
-    probe += "print(free, utils.memory_limit())"
-    limited = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True
-    )
-    assert limited.returncode == 0, limited.stderr
-    free, under_ulimit = map(int, limited.stdout.split())
-    assert under_ulimit == min(free, 2**33)
+    import resource
+
     train_py = load_script("lenet", "train")
+    free, (read, write) = train_py.utils.memory_limit(), os.pipe()
+    if (child := os.fork()) == 0:  # `ulimit -v 8G` in a copy of this process
+        resource.setrlimit(resource.RLIMIT_AS, (2**33, resource.RLIM_INFINITY))
+        os.write(write, str(train_py.utils.memory_limit()).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert int(os.read(read, 100)) == min(free, 2**33)
 
     def out_of_memory(*args):
         raise MemoryError
