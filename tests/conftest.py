@@ -1,9 +1,11 @@
 """Helpers shared by the tests: where things are, small generated images, loading by path."""
 
+import contextlib
 import functools
 import importlib.util
 import io
 import os
+import runpy
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -175,8 +177,19 @@ def run_script(script: Path, *args, cwd: Path | None = None, timeout: float = 60
 
 @functools.cache
 def model_py_output(family: str, *args: str) -> subprocess.CompletedProcess:
-    """What `python <family>/model.py ARGS` prints, run once per session for the tests."""
-    return run_script(REPO / family / "model.py", *args, timeout=300)
+    """What `python <family>/model.py ARGS` prints and its exit code, run once per session in
+    this process (model.py imports only torch: no interpreter to start for it)."""
+    script, out, err, code = REPO / family / "model.py", io.StringIO(), io.StringIO(), 0
+    argv, sys.argv = sys.argv, [str(script), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:  # sys.exit("message"): Python prints it and exits with 1
+        code = stop.code if isinstance(stop.code, int) or stop.code is None else 1
+        err.write("" if isinstance(stop.code, int) or stop.code is None else f"{stop.code}\n")
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(sys.argv, code or 0, out.getvalue(), err.getvalue())
 
 
 def answer(value):

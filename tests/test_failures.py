@@ -48,6 +48,15 @@ def assert_one_line_error(result, script: str, *needles: str) -> str:
     return last
 
 
+def train_refuses(*argv, match: str) -> str:
+    """lenet/train.py's main() in this process (no interpreter to start): the UserError it stops
+    with, which run_command prints as one line (as the tests of real commands show)."""
+    train_py = load_script("lenet", "train")
+    with pytest.raises(train_py.UserError, match=match) as error:
+        train_py.main(train_py.get_args_parser().parse_args(list(map(str, argv))))
+    return str(error.value)
+
+
 def no_temporary_files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*") if "tmp" in p.name or "split-" in p.name]
 
@@ -177,17 +186,14 @@ def test_disk_full_during_a_resplit_keeps_the_previous_split(tmp_path):
 def test_a_one_class_dataset_is_refused(tmp_path):
     for split in ("train", "val"):
         make_image_folder(tmp_path / "one" / split, classes=("only",), per_class=4)
-    result = run(
-        "lenet/train.py", "--data-path", tmp_path / "one", "--output-dir", tmp_path / "o", *LENET
-    )
-    assert_one_line_error(result, "lenet/train.py", "two or more class folders", "['only']")
+    argv = ["--data-path", tmp_path / "one", "--output-dir", tmp_path / "o", *LENET]
+    train_refuses(*argv, match=r"two or more class folders \(\['only'\]")
 
 
 def test_an_empty_class_folder_in_val_says_it_is_val(tiny, tmp_path):
     for image in (tiny / "val" / "b").iterdir():
         image.unlink()
-    result = run("lenet/train.py", "--data-path", tiny, "--output-dir", tmp_path / "o", *LENET)
-    assert_one_line_error(result, "lenet/train.py", str(tiny / "val"))
+    train_refuses("--data-path", tiny, "--output-dir", tmp_path / "o", *LENET, match=f"{tiny}/val")
 
 
 # --- train.py: flags and the output folder ---------------------------------------------------
@@ -235,9 +241,8 @@ def test_an_unusable_output_dir_is_refused_before_training(tiny, tmp_path, capsy
 
 def test_a_read_only_output_dir_is_refused_before_training(tiny, tmp_path):
     with small_disk(tmp_path / "ro", "1m", read_only=True) as disk:
-        result = run("lenet/train.py", "--data-path", tiny, "--output-dir", disk, *LENET)
-        assert_one_line_error(result, "lenet/train.py", "--output-dir", "cannot be written")
-        assert "epoch 1/1" not in result.stdout
+        argv = ["--data-path", tiny, "--output-dir", disk, *LENET]
+        train_refuses(*argv, match="--output-dir .* cannot be written")
 
 
 # --- train.py: a full disk -------------------------------------------------------------------
