@@ -363,7 +363,7 @@ def remove_leftovers(out: Path) -> None:
     for tmp in out.parent.glob(f".{glob.escape(out.name)}-*-*"):
         kind, _, rest = tmp.name[len(out.name) + 2 :].partition("-")
         pid = rest.partition("-")[0]
-        if kind in ("split", "extract") and tmp.is_dir() and not running(pid):
+        if kind in ("split", "extract") and tmp.is_dir() and not (pid.isdigit() and running(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -372,9 +372,9 @@ def running(pid: str) -> bool:
     try:
         os.kill(int(pid), 0) if os.name == "posix" else None  # signal 0: only a check
         return int(pid) != os.getpid()
-    except (ValueError, ProcessLookupError):  # not a number; no such process
+    except ProcessLookupError:  # no such process
         return False
-    except PermissionError:  # another user's
+    except (ValueError, PermissionError):  # no number yet (being written); another user's
         return True
 
 

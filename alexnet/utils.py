@@ -435,9 +435,9 @@ def running(pid: str) -> bool:
     try:
         os.kill(int(pid), 0) if os.name == "posix" else None  # signal 0: only a check
         return int(pid) != os.getpid()
-    except (ValueError, ProcessLookupError):  # not a number; no such process
+    except ProcessLookupError:  # no such process
         return False
-    except PermissionError:  # another user's
+    except (ValueError, PermissionError):  # no number yet (being written); another user's
         return True
 
 

@@ -252,6 +252,9 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_runs_lock_tak
     train_py = load_script("lenet", "train")
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".lock").write_text("")  # created by a run that has not yet written its id in it
+    with pytest.raises(train_py.UserError, match="another run .process . writes to"):
+        call(train_py, "--data-path", tiny, "--output-dir", out, *LENET)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(str(sleeper.pid))  # a run going on
