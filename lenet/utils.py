@@ -363,8 +363,11 @@ def write_file(path: Path, write) -> None:
             write(f)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        cause = e if isinstance(e, OSError) else getattr(f, "error", None)
-        if cause is None:
+        # torch.save reports a failed write, or Ctrl-C while writing, as a RuntimeError.
+        cause = e if isinstance(e, OSError) else getattr(f, "error", None) or e.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause from None
+        if not isinstance(cause, OSError):
             raise
         raise UserError(f"cannot write {path} ({cause.strerror or cause})") from e
     finally:

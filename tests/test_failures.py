@@ -284,6 +284,33 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         utils.write_file(path, a_bug)
 
 
+def test_ctrl_c_while_torch_save_writes_is_a_ctrl_c_and_keeps_the_old_file(tmp_path):
+    """torch.save turns a Ctrl-C in its file's write into a RuntimeError (its zip writer ends
+    the file on the way out, and fails): write_file hands on the Ctrl-C, for the run to report
+    what is saved, instead of a traceback."""
+    utils = load_script("lenet", "utils")
+    path = tmp_path / "last.pth"
+    path.write_bytes(b"the previous epoch")
+
+    class CtrlCAtTheSecondWrite:
+        def __init__(self, f) -> None:
+            self.f, self.writes = f, 0
+
+        def write(self, data) -> int:
+            self.writes += 1
+            if self.writes == 2:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self) -> None:
+            self.f.flush()
+
+    state = {"weights": torch.zeros(1000, 100)}
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_file(path, lambda f: torch.save(state, CtrlCAtTheSecondWrite(f)))
+    assert path.read_bytes() == b"the previous epoch" and not no_temporary_files(tmp_path)
+
+
 def test_disk_full_while_writing_metrics_keeps_the_old_ones(tmp_path):
     utils = load_script("lenet", "utils")
     row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5}
