@@ -379,7 +379,6 @@ def bench_predict(name: str, split: Path, work: Path) -> dict:
         str(ROOT / folder / "predict.py"),
         "--weights",
         str(out / "best.pth"),
-        "--no-show",
         "--json",
     ]
     env = {**os.environ, "MPLBACKEND": "Agg"}

@@ -95,7 +95,6 @@ def main() -> None:
             "--cam",
             "--topk",
             "3",
-            "--no-show",
             "--weights",
             out / "best.pth",
             "--save",

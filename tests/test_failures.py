@@ -453,7 +453,6 @@ def test_ctrl_c_inside_a_progress_bar_stops_the_script_in_one_line(where, tiny, 
             tiny / "val",
             "--weights",
             tiny_run,
-            "--no-show",
             "--save",
             tmp_path / "p.png",
             env=env,
@@ -509,7 +508,7 @@ def test_predict_save_paths(tiny_run, tmp_path):
         predict_py.main(predict_py.get_args_parser().parse_args([str(photo), "--save", "fig.xyz"]))
     folder = tmp_path / "figures"
     folder.mkdir()
-    into = run("lenet/predict.py", photo, "--weights", tiny_run, "--no-show", "--save", folder)
+    into = run("lenet/predict.py", photo, "--weights", tiny_run, "--save", folder)
     assert into.returncode == 0, into.stderr
     saved = folder / "prediction_0.png"
     assert saved.read_bytes()[:4] == b"\x89PNG"

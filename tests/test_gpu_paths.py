@@ -272,7 +272,7 @@ def test_predict_py_starts_up_on_a_gpu(fake_gpu, tiny, tmp_path, monkeypatch, fa
     predict_py = load_script(family, "predict")
     monkeypatch.setattr(predict_py.utils, "load_checkpoint", lambda path, family: checkpoint)
     photo = next((tiny / "val" / "a").iterdir())
-    argv = [str(photo), "--device", device, "--no-show", "--weights", str(tmp_path / "best.pth")]
+    argv = [str(photo), "--device", device, "--weights", str(tmp_path / "best.pth")]
     with pytest.raises(ReachedGPU):
         predict_py.main(predict_py.get_args_parser().parse_args(argv))
     assert ("get_device_capability", 0) in fake_gpu.calls

@@ -46,7 +46,6 @@ def test_default_training_then_prediction(family, flowers, tmp_path):
         photo,
         "--weights",
         out / "best.pth",
-        "--no-show",
         "--save",
         tmp_path / "p.png",
         "--json",

@@ -83,7 +83,7 @@ def test_predict_refuses_to_write_on_or_into_what_it_reads(split, tiny_run, tmp_
         ("contains", split / "test", tiny_run.parent),  # holding the checkpoint
     ]
     for where, photos, save in refused:
-        flags = ["--eval"] if photos.is_dir() else ["--no-show"]
+        flags = ["--eval"] if photos.is_dir() else []
         with pytest.raises(predict_py.UserError, match=f"--save .* {where} .*which the run reads"):
             call(predict_py, photos, "--weights", tiny_run, "--save", save, *flags)
     with pytest.raises(predict_py.UserError, match="--save .* is inside .*test"):

@@ -100,8 +100,11 @@ def test_human_output_lists_the_top_k_and_saves_a_figure_headless(checkpoints, f
     result = predict("resnet", image, "--weights", checkpoints["resnet"], "--topk", "3", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"{image}: ")
-    assert [line.split()[0] for line in lines[1:4]] == ["1.", "2.", "3."]
+    named, top = lines[0].split(": ")
+    assert named == str(image) and len(top.split(", ")) == 3  # --topk 3, in one line
+    assert [float(entry.split()[1]) for entry in top.split(", ")] == sorted(
+        (float(entry.split()[1]) for entry in top.split(", ")), reverse=True
+    )
     figure = checkpoints["resnet"].parent / f"prediction_{image.stem}.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert lines[-1] == f"figure saved to {figure}"
@@ -309,20 +312,25 @@ def test_shared_predict_functions_are_identical_in_the_five_files():
 # --- the defects the simplification fixed ----------------------------------------------------
 
 
-def test_predict_keeps_a_picture_of_the_first_photos_only(tiny_run, tmp_path):
-    """The figure draws at most MAX_GRID photos: more pictures would only grow with the folder."""
+def test_predict_keeps_no_picture_and_the_figure_opens_the_first_photos_only(
+    tiny_run, tmp_path, monkeypatch
+):
+    """Memory does not grow with the folder: predict() keeps indices and probabilities, and the
+    figure opens at most MAX_GRID photos."""
     predict_py = load_script("lenet", "predict")
     checkpoint = torch.load(tiny_run, weights_only=True)
-    model = predict_py.build_model(checkpoint).eval()
+    model, cpu = predict_py.build_model(checkpoint).eval(), torch.device("cpu")
     photo = tiny_run.parent.parent / "tiny" / "val" / "a" / "0.jpg"
     files = [photo] * (predict_py.MAX_GRID + 7)
     transform = predict_py.val_transform(32, checkpoint["mean"], checkpoint["std"])
     args = argparse.Namespace(batch_size=8, json=True)
-    read, probabilities, pictures, problems = predict_py.predict(
-        model, files, transform, 64, args, torch.device("cpu")
-    )
-    assert len(read) == len(probabilities) == len(files) and not problems
-    assert len(pictures) == predict_py.MAX_GRID
+    read, probabilities, problems = predict_py.predict(model, files, transform, 64, args, cpu)
+    assert read == list(range(len(files))) and len(probabilities) == len(files) and not problems
+    opened, open_rgb = [], predict_py.utils.open_rgb
+    monkeypatch.setattr(predict_py.utils, "open_rgb", lambda *a: opened.append(a) or open_rgb(*a))
+    figure = tmp_path / "grid.png"
+    predict_py.draw_predictions(model, checkpoint, 64, cpu, files, probabilities, figure, False)
+    assert len(opened) == predict_py.MAX_GRID and figure.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_default_workers_are_shared_and_an_explicit_value_is_kept():
