@@ -65,7 +65,7 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[str]]:
 
 
 def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor, list]:
-    """The photos of folder/<class>/, as train.py --test-only finds them, and their labels."""
+    """The photos of folder/<class>/, as train.py finds them (ImageFolder), and their labels."""
     try:
         found = ImageFolder(folder, is_valid_file=utils.is_photo, allow_empty=True)
     except OSError:  # not a folder, or no class folders in it

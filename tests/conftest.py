@@ -141,6 +141,21 @@ def load_script(family: str, script: str):
                 sys.modules[name] = module
 
 
+def val_accuracy_of(family: str, checkpoint: Path, data_path: Path, *flags) -> float:
+    """The val accuracy of a checkpoint, computed here with train.py's own evaluate(), one
+    process, the precision --amp auto picks: what the run logged for its last epoch."""
+    train_py = load_script(family, "train")
+    argv = ["--data-path", data_path, "--workers", "0", "--cache", "off", *flags]
+    args = train_py.get_args_parser().parse_args(list(map(str, argv)))
+    cpu = torch.device("cpu")
+    run = train_py.utils.Run(cpu, *train_py.utils.pick_amp("auto", cpu))
+    _, val_set, classes = train_py.load_datasets(args, run, 0)
+    model = train_py.build_model(args, len(classes))
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size)
+    return train_py.evaluate(model, torch.nn.CrossEntropyLoss(), loader, args, run)["acc"]
+
+
 def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -> bytes:
     """A small, valid JPEG whose colour depends on seed."""
     colour = tuple((seed * k) % 256 for k in (37, 91, 151))

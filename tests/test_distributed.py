@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SMALL, jpeg_bytes, needs_sample, run_script
+from conftest import REPO, SMALL, jpeg_bytes, needs_sample, run_script, val_accuracy_of
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -57,17 +57,7 @@ def test_two_processes_write_one_set_of_outputs_and_report_the_true_accuracy(flo
 
     # The distributed validation counted every val image once: a single process agrees.
     last = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
-    check = run_script(
-        REPO / "resnet" / "train.py",
-        "--data-path",
-        flowers,
-        "--output-dir",
-        out,
-        "--test-only",
-        *SMALL["resnet"],
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    single = float(re.search(r"best.pth: val_loss [\d.]+  val_acc ([\d.]+)", check.stdout)[1])
+    single = val_accuracy_of("resnet", out / "best.pth", flowers, *SMALL["resnet"])
     assert single == pytest.approx(last["history"][-1]["val_acc"], abs=1e-4)
     assert float(rows[-1]["val_acc"]) == pytest.approx(single, abs=1e-4)  # the last epoch
 

@@ -87,30 +87,17 @@ def build_transforms(image_size: int, augment: str, crop_scale: float):
     """Training augmentation (each crop covers crop_scale of the photo's area to all of it)
     and the validation preprocessing, which predict.py uses too."""
     strong = augment == "trivialaugment"
-    train = T.Compose(
-        [
-            T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
-            *([T.TrivialAugmentWide()] if strong else []),
-            T.ToImage(),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(MEAN, STD),
-            *([T.RandomErasing(0.25)] if strong else []),
-        ]
-    )
-    return train, val_transform(image_size, MEAN, STD)
+    train = [T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0)), T.RandomHorizontalFlip()]
+    train += [T.TrivialAugmentWide()] if strong else []
+    train += [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(MEAN, STD)]
+    train += [T.RandomErasing(0.25)] if strong else []
+    return T.Compose(train), val_transform(image_size, MEAN, STD)
 
 
 def val_transform(image_size: int, mean: list[float], std: list[float]) -> T.Compose:
-    return T.Compose(
-        [
-            T.Resize(round(image_size / 0.875), antialias=True),  # 256 for 224, as on ImageNet
-            T.CenterCrop(image_size),
-            T.ToImage(),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean, std),
-        ]
-    )
+    """The shorter side to image_size / 0.875 (256 for 224, as on ImageNet), the centre crop."""
+    steps = [T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), T.ToImage()]
+    return T.Compose([*steps, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
 def load_datasets(args: argparse.Namespace, run: Run, workers: int):
@@ -122,9 +109,7 @@ def load_datasets(args: argparse.Namespace, run: Run, workers: int):
     val_set = utils.image_folder(root / "val", val_tf, 2 * round(args.image_size / 0.875))
     if train_set.classes != val_set.classes or len(train_set.classes) < 2:
         found = f"{train_set.classes} vs {val_set.classes}"
-        raise UserError(
-            f"{root}: train/ and val/ need the same two or more class folders ({found})"
-        )
+        raise UserError(f"{root}: train/ and val/ need the same 2+ class folders ({found})")
     cached = utils.cache(train_set, val_set, args.cache, args.image_size, workers, run)
     return *cached, train_set.classes
 
@@ -278,8 +263,8 @@ def prepare_outputs(args: argparse.Namespace, run: Run):
     utils.check_apart(output_dir, "--output-dir", [args.data_path])
     if run.is_main:
         utils.prepare_output_dir(output_dir)
-    if args.resume is None or args.test_only:
-        if (last := output_dir / "last.pth").exists() and not args.test_only:
+    if args.resume is None:
+        if (last := output_dir / "last.pth").exists():
             what = "continue its run with --resume" if last.is_file() else "a folder: move it away"
             raise UserError(f"{output_dir} holds last.pth, {what}")
         return args, output_dir, None
@@ -304,19 +289,14 @@ def prepare_outputs(args: argparse.Namespace, run: Run):
 # Checkpoints and resuming
 
 
-def load_weights(model: nn.Module, checkpoint: dict, args, classes: list[str]) -> None:
-    """The checkpoint's weights, if they are of this architecture and these classes."""
-    if checkpoint["arch"] != args.arch or checkpoint["classes"] != classes:
-        found = f"{checkpoint['arch']} for the classes {checkpoint['classes']}"
-        raise UserError(f"{checkpoint['path']} holds {found}, not {args.arch} for {classes}")
-    model.load_state_dict(checkpoint["model"])
-
-
 def restore(resumed, args, classes, model, optimizer, scheduler, scaler, run) -> list:
     """Put a checkpoint's training state back; return its history (one row per epoch)."""
     if resumed is None:
         return []
-    load_weights(model, resumed, args, classes)
+    if resumed["arch"] != args.arch or resumed["classes"] != classes:
+        found = f"{resumed['arch']} for the classes {resumed['classes']}"
+        raise UserError(f"{resumed['path']} holds {found}, not {args.arch} for {classes}")
+    model.load_state_dict(resumed["model"])
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
@@ -342,17 +322,6 @@ def save_epoch(model, optimizer, scheduler, scaler, history, classes, args, outp
     utils.log_epoch(history, args.epochs, output_dir)
     utils.write_file(output_dir / "best.pth", partial(torch.save, best))
     utils.write_file(output_dir / "last.pth", partial(torch.save, {**best, **training}))
-
-
-def test_only(model, criterion, loader, args, run, classes, output_dir: Path) -> None:
-    """--test-only: val loss, accuracy and confusion matrix of best.pth (or --resume PATH)."""
-    path = Path(args.resume) if args.resume not in (None, "last") else output_dir / "best.pth"
-    checkpoint = utils.load_checkpoint(path.expanduser().resolve(), FAMILY)
-    load_weights(model, {**checkpoint, "path": path}, args, classes)
-    result = evaluate(model, criterion, loader, args, run)
-    if run.is_main:
-        print(f"{path}: val_loss {result['loss']:.4f}  val_acc {result['acc']:.4f}")
-        utils.report_confusion(result, classes, output_dir / "confusion_matrix.png")
 
 
 def output_dir_of(args: argparse.Namespace) -> Path:
@@ -385,8 +354,6 @@ def main(args: argparse.Namespace) -> None:
     if run.is_main:
         images = f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes"
         print(f"{args.arch} on {run}, {workers} workers, batch {args.batch_size}: {images}")
-    if args.test_only:
-        return test_only(model, criterion, val_loader, args, run, classes, output_dir)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, steps_per_epoch(len(train_loader), args), args.epochs)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == torch.float16)
@@ -437,7 +404,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision")
     add("--output-dir", type=Path, help="checkpoints, metrics and plots (default: runs/<arch>/)")
     add("--resume", nargs="?", const="last", metavar="PATH", help="PATH or last.pth (default: no)")
-    add("--test-only", action="store_true", help="evaluate best.pth (or --resume PATH) on val")
     add("--dry-run", action="store_true", help="one batch per epoch: a smoke test")
     add("--sync-bn", action="store_true", help="torchrun on GPUs: batch norm over all processes")
     add("--compile", action="store_true", help="torch.compile the model")
