@@ -109,7 +109,7 @@ def load_image_folders(args: argparse.Namespace, run: Run, workers: int):
     val_set = utils.image_folder(root / "val", val_tf, 2 * round(args.image_size / 0.875))
     if train_set.classes != val_set.classes or len(train_set.classes) < 2:
         found = f"{train_set.classes} vs {val_set.classes}"
-        raise UserError(f"{root}: train/ and val/ need the same 2+ class folders ({found})")
+        raise UserError(f"{root}: train/ and val/ need the same two or more classes ({found})")
     cached = utils.cache(train_set, val_set, args.cache, args.image_size, workers, run)
     return *cached, train_set.classes
 
@@ -230,29 +230,24 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoc
 
 @torch.no_grad()
 def evaluate(model, criterion, loader, args, run) -> dict:
-    """Loss and accuracy of the main head on every val image, and the predictions. Each
-    process takes every world_size-th image (maybe none) and the results are gathered."""
+    """Loss and accuracy of the main head on every val image: each process takes every
+    world_size-th image (maybe none), and the sums are added up over the processes."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    predictions = labels = torch.zeros(0, dtype=torch.long, device=run.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # images, loss x images, correct
     for images, targets in tqdm(loader, "val", leave=False, disable=not run.is_main):
         images = images.to(run.device, non_blocking=True, memory_format=torch.channels_last)
         targets = targets.to(run.device, non_blocking=True)
         with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
             logits = model(images)
-        loss_sum += criterion(logits.float(), targets).double() * targets.size(0)
-        predictions = torch.cat([predictions, logits.argmax(1)])
-        labels = torch.cat([labels, targets])
+        sums[0] += targets.size(0)
+        sums[1] += criterion(logits.float(), targets).double() * targets.size(0)
+        sums[2] += (logits.argmax(1) == targets).sum()
         if args.dry_run:
             break
-    parts = [(loss_sum.item(), predictions.cpu(), labels.cpu())]
-    if run.distributed:  # every process gets every part
-        mine, parts = parts[0], [None] * run.world_size
-        dist.all_gather_object(parts, mine)
-    predictions, labels = (torch.cat([part[i] for part in parts]) for i in (1, 2))
-    accuracy = (predictions == labels).float().mean().item()
-    loss = sum(part[0] for part in parts) / labels.numel()
-    return {"loss": loss, "acc": accuracy, "predictions": predictions, "labels": labels}
+    if run.distributed:
+        dist.all_reduce(sums)
+    seen, loss_sum, correct = sums.tolist()
+    return {"loss": loss_sum / seen, "acc": correct / seen}
 
 
 def prepare_outputs(args: argparse.Namespace, run: Run):
@@ -380,7 +375,6 @@ def main(args: argparse.Namespace) -> None:
     except UserError as e:  # an unreadable photo, a full disk: say what is saved
         raise UserError(f"{e}; {utils.kept(saved, output_dir)}") from e
     if run.is_main:
-        utils.report_confusion(val, classes, output_dir / "confusion_matrix.png")
         utils.report_end(history, args.epochs, time.perf_counter() - started, output_dir)
 
 

@@ -44,15 +44,14 @@ class UserError(Exception):
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     """The device --device names (auto: CUDA, MPS, the CPU); a GPU with its index, as set_device
     needs: LOCAL_RANK's under torchrun, else the one named or the current one."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available()}
+    available["mps"] = torch.backends.mps.is_available()
     if auto := name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
     try:
         device = torch.device(name)
     except RuntimeError:
         device = torch.device("meta")  # refused below
-    available = {"cpu": 1, "cuda": torch.cuda.is_available()}
-    available["mps"] = torch.backends.mps.is_available()
     if device.type not in available:
         raise UserError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
     if not available[device.type]:
@@ -460,9 +459,8 @@ def log_epoch(history: list[dict], epochs: int, output_dir: Path) -> None:
     lines = [",".join(row)] + [",".join(f"{r.get(c, math.nan):.6g}" for c in row) for r in history]
     write_file(output_dir / "metrics.csv", lambda f: f.write("\n".join(lines + [""]).encode()))
     fig = Figure(figsize=(10, 4), layout="constrained")
-    for ax, key, metric in zip(
-        fig.subplots(1, 2), ["loss", "acc"], ["loss", "accuracy"], strict=True
-    ):
+    for ax, key in zip(fig.subplots(1, 2), ["loss", "acc"], strict=True):
+        metric = "accuracy" if key == "acc" else "loss"
         for split in ("train", "val"):
             values = [r[f"{split}_{key}"] for r in history]
             ax.plot([r["epoch"] for r in history], values, "o-", label=split)
@@ -471,16 +469,6 @@ def log_epoch(history: list[dict], epochs: int, output_dir: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, output_dir / "curves.png")
-
-
-def report_confusion(result: dict, classes: list[str], path: Path) -> None:
-    """Print per-class accuracy and save the confusion matrix of result as a picture."""
-    k, labels = len(classes), result["labels"]
-    matrix = torch.bincount(labels * k + result["predictions"], minlength=k * k).view(k, k)
-    accuracy = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
-    per_class = ", ".join(f"{c} {a:.3f}" for c, a in zip(classes, accuracy, strict=True))
-    print(f"val accuracy per class: {per_class}")
-    save_figure(confusion_figure(matrix, classes, f"val accuracy {result['acc']:.3f}"), path)
 
 
 def kept(saved: int, output_dir: Path) -> str:
@@ -505,10 +493,11 @@ def use_fonts_for(texts: list[str]) -> None:
     cjk = "Noto Sans CJK SC, Noto Sans CJK JP, Source Han Sans SC, WenQuanYi Zen Hei, Microsoft "
     cjk += "YaHei, PingFang SC, Hiragino Sans GB, SimHei, Arial Unicode MS"
     installed = {font.name for font in font_manager.fontManager.ttflist}
-    fallbacks = [name for name in cjk.split(", ") if name in installed]
-    rcParams["font.family"] = ["DejaVu Sans", *fallbacks]
+    family = ["DejaVu Sans", *[name for name in cjk.split(", ") if name in installed]]
+    first = rcParams["font.family"] != family  # the note once, not for every figure
+    rcParams["font.family"] = family
     beyond = sorted({c for text in texts for c in text if ord(c) >= 0x2E80})  # CJK and after
-    if beyond and not fallbacks:
+    if beyond and len(family) == 1 and first:
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
         missing = f"no installed font has the characters {''.join(beyond)[:20]}"
         print(f"note: {missing}; the figures show boxes (install Noto Sans CJK)", file=sys.stderr)

@@ -46,7 +46,6 @@ def test_two_processes_write_one_set_of_outputs_and_report_the_true_accuracy(flo
     assert f"{max(1, min(8, os.cpu_count() or 1) // 2)} workers," in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
         "best.pth",
-        "confusion_matrix.png",
         "curves.png",
         "last.pth",
         "metrics.csv",

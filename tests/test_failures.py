@@ -187,7 +187,7 @@ def test_a_one_class_dataset_is_refused(tmp_path):
     for split in ("train", "val"):
         make_image_folder(tmp_path / "one" / split, classes=("only",), per_class=4)
     argv = ["--data-path", tmp_path / "one", "--output-dir", tmp_path / "o", *LENET]
-    train_refuses(*argv, match=r"two or more class folders \(\['only'\]")
+    train_refuses(*argv, match=r"two or more classes \(\['only'\]")
 
 
 def test_an_empty_class_folder_in_val_says_it_is_val(tiny, tmp_path):
@@ -525,9 +525,12 @@ def test_class_names_without_a_font_warn_once_at_most(tmp_path):
         "lenet/train.py", "--data-path", tmp_path / "zh", "--output-dir", tmp_path / "o", *LENET
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Glyph" not in result.stderr
-    assert result.stderr.count("note: no installed font") <= 1
-    assert (tmp_path / "o" / "confusion_matrix.png").is_file()
+    weights = tmp_path / "o" / "best.pth"
+    scored = run("lenet/predict.py", tmp_path / "zh" / "val", "--eval", "--weights", weights)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "Glyph" not in scored.stderr
+    assert scored.stderr.count("note: no installed font") <= 1
+    assert (tmp_path / "o" / "eval_val" / "confusion_matrix.png").is_file()
 
 
 def test_an_installed_cjk_font_becomes_the_fallback(monkeypatch, capsys):

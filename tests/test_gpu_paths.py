@@ -50,7 +50,6 @@ def test_accumulating_two_batches_of_8_equals_one_batch_of_16(
     each step's gradient can be compared.
     """
     train_py = load_script("lenet", "train")
-    monkeypatch.setattr(train_py.utils, "report_confusion", lambda *args: None)
     make_optimizer, gradients = train_py.make_optimizer, []
 
     def recording(model, args):
@@ -178,7 +177,6 @@ def test_resume_in_fp16_from_a_fp32_run(tiny, tmp_path, monkeypatch):
     # fp16 with an enabled grad scaler, as on a GPU (the CPU runs fp16 autocast too).
     fp16 = lambda name, device: (torch.float16, "fp16 (test)")  # noqa: E731
     monkeypatch.setattr(train_py.utils, "pick_amp", fp16)
-    monkeypatch.setattr(train_py.utils, "report_confusion", lambda *args: None)
     argv = ["--data-path", str(tiny), "--epochs", "2", "--output-dir", str(out), "--resume"]
     train_py.main(train_py.get_args_parser().parse_args([*argv, *CPU_FP32]))
     resumed = torch.load(out / "last.pth", weights_only=True)
@@ -407,10 +405,11 @@ def test_a_diverged_loss_is_judged_on_every_processs_totals(monkeypatch, diverge
 def test_a_process_with_no_val_images_takes_part_in_the_evaluation(monkeypatch):
     train_py = load_script("lenet", "train")
 
-    def all_gather_object(parts, mine):  # two processes: this one had no image, the other two
-        parts[:] = [mine, (3.0, torch.tensor([1, 0]), torch.tensor([1, 1]))]
+    def all_reduce(sums):  # two processes: this one had no image, the other two (loss 3, 1 right)
+        assert sums.tolist() == [0, 0, 0]
+        sums += torch.tensor([2.0, 3.0, 1.0], dtype=sums.dtype)
 
-    monkeypatch.setattr(train_py.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(train_py.dist, "all_reduce", all_reduce)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0, dtype=torch.long)))
     args = argparse.Namespace(dry_run=False)
