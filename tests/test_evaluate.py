@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from conftest import (
@@ -309,3 +310,21 @@ def test_predict_cam_draws_the_overlay_and_names_the_layer(
     assert capsys.readouterr().out.strip().endswith(f"figure saved to {cam}") and cam.is_file()
     with pytest.raises(predict_py.UserError, match="--eval takes one folder .*without --cam"):
         main(tiny / "val", "--cam", "--eval", *weights)
+
+
+def test_the_cam_overlay_stays_in_the_range_imshow_takes(tiny_run, tmp_path, monkeypatch):
+    """A white photo under the hottest red: float rounding must not step past 1 (imshow would
+    clip it with a warning per picture)."""
+    predict_py = load_script("lenet", "predict")
+    checkpoint = torch.load(tiny_run, weights_only=True)
+    model, cpu = predict_py.build_model(checkpoint).eval(), torch.device("cpu")
+    white = tmp_path / "white.png"
+    Image.new("RGB", (40, 40), "white").save(white)
+    red = torch.full((32, 32), 0.75)  # where the jet colour map's red is 1
+    monkeypatch.setattr(predict_py, "grad_cam", lambda *args: red)
+    drawn = []
+    monkeypatch.setattr(predict_py, "draw", lambda *args: drawn.append(args))
+    probabilities = torch.tensor([[0.2, 0.3, 0.5]])
+    predict_py.draw_predictions(model, checkpoint, 64, cpu, [white], probabilities, None, True)
+    picture = drawn[0][4][0]
+    assert picture[..., 0].max() == pytest.approx(1.0) and picture.max() <= 1

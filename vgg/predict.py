@@ -137,7 +137,7 @@ def draw_predictions(model, checkpoint, draft, device, files, probabilities, pat
             x = transform(utils.open_rgb(file, draft)).unsqueeze(0)
             heat = grad_cam(model, layer, x.to(device), p.argmax())
             crop = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-            pictures.append(0.55 * crop + 0.45 * colormaps["jet"](heat.numpy())[..., :3])
+            pictures.append(0.5 * crop + 0.5 * colormaps["jet"](heat.numpy())[..., :3])  # <= 1
     shown = f"the first {MAX_GRID} of {len(probabilities)} photos"
     draw(files, titles, path, shown if len(probabilities) > MAX_GRID else "", pictures)
 
