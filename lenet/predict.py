@@ -56,8 +56,8 @@ def find_images(inputs: list[Path]) -> tuple[list[Path], list[str]]:
     files, problems = [], []
     for path in inputs:
         found = sorted(p for p in path.rglob("*") if p.is_file() and utils.is_photo(p))
-        hidden = [p for p in found if any(s[0] == "." for s in p.relative_to(path).parts)]
-        found = [path] if path.is_file() else sorted(set(found) - set(hidden))
+        found = [p for p in found if not any(s[0] == "." for s in p.relative_to(path).parts)]
+        found = [path] if path.is_file() else found  # a folder's photos, without hidden ones
         files += found
         problems += [] if found else [f"{path}: no such file, or no photos in the folder"]
     return files, problems

@@ -356,3 +356,16 @@ def test_the_confusion_figure_hands_matplotlib_numpy_arrays():
         warnings.simplefilter("error")  # NumPy 2 deprecates what a torch tensor gives imshow
         fig = utils.confusion_figure(torch.tensor([[3, 1], [0, 2]]), ["a", "b"], "title")
         fig.savefig(io.BytesIO(), format="png")
+
+
+def test_folders_give_their_photos_sorted_without_hidden_ones(tmp_path):
+    predict_py = load_script("lenet", "predict")
+    photos = tmp_path / "photos"
+    for name in ("b.jpg", "sub/c.PNG", ".hidden.jpg", ".thumbs/d.jpg", "sub/._e.jpg", "notes.txt"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(jpeg_bytes(1))
+    (tmp_path / "empty").mkdir()
+    one = photos / ".hidden.jpg"  # named on the command line: taken as given
+    files, problems = predict_py.find_images([photos, one, tmp_path / "empty", tmp_path / "nope"])
+    assert files == [photos / "b.jpg", photos / "sub" / "c.PNG", one]
+    assert [p.split(":")[0] for p in problems] == [str(tmp_path / "empty"), str(tmp_path / "nope")]
