@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, jpeg_bytes, load_module, make_image_folder, needs_sample
+from conftest import (
+    REPO,
+    SAMPLE,
+    jpeg_bytes,
+    load_module,
+    load_script,
+    make_image_folder,
+    needs_sample,
+)
 from conftest import run_script as run
 
 SCRIPT = REPO / "split_data.py"
@@ -354,8 +362,8 @@ def test_never_replaces_a_train_folder_it_did_not_make(tmp_path):
 
 
 def test_the_code_it_repeats_is_utils_pys():
-    """split_data.py stands alone, so it repeats utils.py's Ctrl-C exit and its check for a
-    running process: the copies match."""
+    """split_data.py stands alone, so it repeats utils.py's Ctrl-C exit, its check for a
+    running process and the suffixes of a photo: the copies match."""
 
     def functions(path: Path) -> dict[str, str]:
         tree = ast.parse(path.read_text())
@@ -364,3 +372,5 @@ def test_the_code_it_repeats_is_utils_pys():
     ours, utils = functions(SCRIPT), functions(REPO / "resnet" / "utils.py")
     for name in ("running", "exit_interrupted"):
         assert ours[name] == utils[name], f"split_data.py's {name} is not resnet/utils.py's"
+    split_data_py, utils_py = load_module(SCRIPT), load_script("resnet", "utils")
+    assert split_data_py.IMG_EXTENSIONS == utils_py.IMAGE_SUFFIXES
