@@ -1,6 +1,7 @@
 """Fetch TensorFlow's flower_photos and split it 9:1 into train/ and val/ for the train scripts.
 
     $ python split_data.py                       # download, verify, extract, split
+    $ python split_data.py --sample              # the project's 150 photos: no network
     $ python split_data.py --source ~/Downloads/flower_photos.tgz
     $ python split_data.py --source my_photos/ --val-ratio 0.2 --out data/my_data
     $ python split_data.py --test-ratio 0.1      # train/val/test, 8:1:1
@@ -48,6 +49,7 @@ FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
 FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+SAMPLE_DIR = DATA_DIR / "flower_sample"  # 30 photos per class of flower_photos, committed
 # What the train scripts read (utils.IMAGE_SUFFIXES): a file they would skip is not counted.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
@@ -75,7 +77,8 @@ def download(url: str, dest: Path, sha256: str) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise SplitError(
-            f"cannot download {url} ({reason}). Without network, fetch the archive elsewhere "
+            f"cannot download {url} ({reason}). Without network: python split_data.py --sample "
+            f"splits the project's 150 photos for a first look, or fetch the archive elsewhere "
             f"and run: python split_data.py --source PATH/TO/{dest.name}"
         ) from e
     if response is not None:
@@ -478,12 +481,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
         "--source",
         type=Path,
         default=None,
         help="folder of class sub-folders, or a .tgz/.tar.gz/.tar/.zip of one (default: "
         "download flower_photos into data/ unless data/flower_data/flower_photos exists)",
+    )
+    source.add_argument(
+        "--sample",
+        action="store_const",
+        const=SAMPLE_DIR,
+        dest="source",
+        help="split the project's own 150 photos (data/flower_sample/, 30 per class) instead: "
+        "no network, a first look in a minute",
     )
     parser.add_argument(
         "--url", default=FLOWERS_URL, help=f"download address (default: {FLOWERS_URL})"

@@ -123,6 +123,8 @@ def start_run(device_name: str, amp_name: str) -> Run:
     if device.type == "cuda":  # cuda:N: kernels, memory figures and autocast all use GPU N
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # the fastest kernels for these fixed shapes
+        # fp32 matrix products in TF32 where the GPU has it (convolutions already are).
+        torch.backends.cuda.matmul.allow_tf32 = torch.cuda.get_device_capability(device)[0] >= 8
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = int(os.environ.get("RANK", 0))
@@ -161,10 +163,15 @@ def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     on older GPUs, fp32 elsewhere (emulated bf16 is slower than fp32)."""
     if name == "fp16" and device.type == "cpu":
         raise UserError("--amp fp16 is for GPUs; on the CPU use --amp bf16 or --amp off")
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    if name == "off" and major >= 8:  # start_run allows TF32
+        return (
+            None,
+            f"off (--amp): fp32 with TF32 matrix products on compute capability {major}.{minor}",
+        )
     if name != "auto":
         return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name], f"{name} (--amp)"
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:
             return torch.bfloat16, f"bf16: compute capability {major}.{minor} runs it natively"
         return torch.float16, f"fp16 with a grad scaler: compute capability {major}.{minor}"

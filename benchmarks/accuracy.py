@@ -39,7 +39,7 @@ from pathlib import Path
 from throughput import load_train_py, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT.parent / "shared" / "data" / "flower_photos_sample"
+SAMPLE = ROOT / "data" / "flower_sample"
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # folder -> the classic tutorial recipe: (network, Adam's learning rate, batch size, image size).
 CLASSIC = {
@@ -382,7 +382,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=SAMPLE,
-        help="photos, one sub-folder per class (default: ../shared/data/flower_photos_sample)",
+        help="photos, one sub-folder per class (default: data/flower_sample)",
     )
     parser.add_argument(
         "--folders",

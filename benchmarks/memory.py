@@ -13,11 +13,17 @@ Their sum is what the step holds at its peak, before the allocator's rounding, c
 workspaces and the CUDA context (some hundreds of MiB), which only a GPU can show.
 
 With --device cuda, the whole process is also held to --cap GiB, as a card of that size would
-hold it: what lies outside PyTorch's allocator (the CUDA context, the cuBLAS and cuDNN
-handles) is measured first (cudaMemGetInfo), and the allocator is capped to the rest
-(torch.cuda.set_per_process_memory_fraction). A few real steps then measure the peak
-(torch.cuda.max_memory_reserved() plus that outside part), and the largest batch that still
+hold it. For each network, one unmeasured step at the default batch loads its kernels and lets
+cuDNN try its algorithms; what the GPU then holds beyond the allocator's reserve and beyond
+what it held before this process's first CUDA call (NVML's count, where pynvml is installed:
+other processes, and a pytest that started this script, are not counted) is the part outside
+PyTorch's allocator: the CUDA context, the kernels loaded, the cuBLAS and cuDNN handles. The
+allocator is capped to the rest (torch.cuda.set_per_process_memory_fraction). At each batch,
+one unmeasured step (cuDNN's trials at the new shape), then a few measured ones give the peak
+(torch.cuda.max_memory_reserved() plus the outside part), and the largest batch that still
 fits is searched (doubling up to 4096, then bisection; "at least 4096" where every batch fit).
+The precision is what train.py's --amp auto picks on this GPU (bf16 from compute capability
+8.0, fp16 below).
 Writes benchmarks/memory.json.
 """
 
@@ -147,42 +153,44 @@ def estimate(name: str, batch: int, amp_dtype) -> dict:
     return {**parts, "total": sum(parts.values())}
 
 
-def outside_allocator(device: torch.device) -> int:
-    """Bytes the process holds on the GPU outside PyTorch's allocator: the CUDA context and the
-    cuBLAS and cuDNN handles (some hundreds of MiB), which a cap on the allocator misses.
-
-    The first kernels start them; cudaMemGetInfo then counts them as used and the allocator
-    does not (on a GPU that no other process uses).
-    """
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(1568, 1)
-    )
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = net.to(device)(torch.randn(2, 3, 16, 16, device=device)).sum()
-    loss.backward()  # the backward kernels of cuDNN and cuBLAS too
-    torch.cuda.synchronize(device)
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free - torch.cuda.memory_reserved(device)
+def used_before_cuda(index: int) -> int:
+    """Bytes in use on GPU index before this process's first CUDA call, as NVML counts them
+    (the memory of other processes); 0, with a note, where pynvml is not installed."""
+    try:
+        return torch.cuda.device_memory_used(index)  # NVML only: no CUDA context made here
+    except Exception as e:  # no pynvml, no NVML: a missing module or one of NVML's errors
+        print(f"note: NVML not readable ({e}); counting every process on the GPU as this one")
+        return 0
 
 
-def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float, outside: int) -> dict:
+def measure_cuda(name: str, batch: int, amp_dtype, cap_gib: float, baseline: int) -> dict:
     """Peak memory of a few real steps on the GPU, the whole process held to cap_gib, and the
     largest batch that fits."""
     device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
-    fraction = (cap_gib * GIB - outside) / total  # what the card leaves the allocator
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, fraction)), device)
+    torch.cuda.set_per_process_memory_fraction(1.0, device)  # the last network's cap off
+    torch.cuda.empty_cache()  # and its blocks returned
     model, optimizer, step, update = build(name, device, amp_dtype)
     torch.backends.cudnn.benchmark = True
 
+    def run(batch_size: int, steps: int) -> None:
+        for _ in range(steps):
+            step(batch_size)
+            update()
+        torch.cuda.synchronize(device)
+
+    run(batch, 1)  # this network's kernels loaded, cuDNN's handles made
+    free, _ = torch.cuda.mem_get_info(device)
+    outside = total - free - baseline - torch.cuda.memory_reserved(device)
+    fraction = (cap_gib * GIB - outside) / total  # what the card leaves the allocator
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(0.0, fraction)), device)
+
     def peak(batch_size: int) -> float | None:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
         try:
-            for _ in range(3):
-                step(batch_size)
-                update()
-            torch.cuda.synchronize(device)
+            run(batch_size, 1)  # cuDNN tries its algorithms at a new shape: not measured
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            run(batch_size, 2)
         except torch.cuda.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             return None
@@ -283,19 +291,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/memory.py: error: --device cuda, but CUDA is not available here")
-    amp_dtype = torch.bfloat16  # what --amp auto picks on GPUs from Ampere on (fp16: same size)
+    amp_dtype = torch.bfloat16  # the estimate: as on GPUs from Ampere on (fp16: the same size)
     rows = []
     if args.device == "cuda":
-        outside = outside_allocator(torch.device("cuda", torch.cuda.current_device()))
-        print(
-            f"outside PyTorch's allocator (CUDA context, library handles): {outside / GIB:.2f} GiB"
-        )
+        baseline = used_before_cuda(0)  # before the first CUDA call: device 0 is the current one
+        device = torch.device("cuda", torch.cuda.current_device())
+        amp_dtype, why = load_train_py("resnet").utils.pick_amp("auto", device)
+        print(f"{torch.cuda.get_device_name(device)}, amp {why}")
     for name in args.models:
         batch = args.batch or NETWORKS[name][2]
         started = time.perf_counter()
         row = {"model": name, "batch": batch, **estimate(name, batch, amp_dtype)}
         if args.device == "cuda":
-            row.update(measure_cuda(name, batch, amp_dtype, args.cap, outside))
+            row.update(measure_cuda(name, batch, amp_dtype, args.cap, baseline))
         rows.append(row)
         print(
             f"{name}: {row['total'] / GIB:.2f} GiB estimated "

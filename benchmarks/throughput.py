@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT.parent / "shared" / "data" / "flower_photos_sample"
+SAMPLE = ROOT / "data" / "flower_sample"
 # network -> (folder, --arch or None, batch size, image size, timed steps, accuracy epochs).
 # The timed steps outlast what the loader workers prefetch during warm-up (2 per worker), so
 # that data loading counts; cheap networks get more of them, and more epochs to learn.
@@ -434,7 +434,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=SAMPLE,
-        help="a folder of class sub-folders (default: ../shared's flower sample)",
+        help="a folder of class sub-folders (default: data/flower_sample)",
     )
     parser.add_argument(
         "--batch-size",

@@ -3,7 +3,7 @@
     $ python docs/make_figures.py                 # about 5 minutes on 2 CPU cores
 
 Runs the project's own scripts as a user would, in a temporary folder: split_data.py splits
-../shared/data/flower_photos_sample (or --source) 8:1:1 into train/val/test, resnet/train.py
+data/flower_sample (or --source) 8:1:1 into train/val/test, resnet/train.py
 trains a resnet18 at 128 pixels, predict.py --eval scores the test photos and predict.py --cam
 explains one of them. The figures they write are copied into docs/ unchanged.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-SAMPLE = ROOT.parent / "shared" / "data" / "flower_photos_sample"
+SAMPLE = ROOT / "data" / "flower_sample"
 
 
 def run(*args) -> str:
@@ -52,7 +52,7 @@ def main() -> None:
         "--source",
         type=Path,
         default=SAMPLE,
-        help="photos, one folder per class (default: the shared sample)",
+        help="photos, one folder per class (default: data/flower_sample, the project's own photos)",
     )
     parser.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
     args = parser.parse_args()

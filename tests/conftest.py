@@ -6,8 +6,10 @@ import importlib.util
 import io
 import os
 import runpy
+import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,53 @@ from PIL import Image
 from torch.cuda._utils import _get_device_index
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO.parent / "shared" / "data" / "flower_photos_sample"
 FAMILIES = ("lenet", "alexnet", "vgg", "googlenet", "resnet")
+
+# The suite leaves the checkout as it found it: no bytecode beside the files it imports or
+# starts (here and in every process it starts), no .pytest_cache (pyproject.toml's addopts).
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+
+
+def forget_own_bytecode(cache: Path = Path(__file__).parent / "__pycache__") -> None:
+    """pytest writes this file's bytecode before it runs it, so before the line above: remove
+    tests/__pycache__ when it holds only that file, written this minute (by this session)."""
+    files = list(cache.iterdir()) if cache.is_dir() else []
+    fresh = [
+        f for f in files if f.name.startswith("conftest.") and f.stat().st_mtime > time.time() - 60
+    ]
+    if files and fresh == files:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+forget_own_bytecode()
+
+
+def checkout_state() -> tuple[str, set]:
+    """What the suite must leave as it found it: git's view of the checkout, ignored files
+    included, and every path of data/ and the run folders with its time (git shows no folder
+    without files, nor a file rewritten with the same content)."""
+    git = ["git", "-C", str(REPO), "status", "--porcelain", "--ignored"]
+    status = (
+        subprocess.run(git, capture_output=True, text=True).stdout if shutil.which("git") else ""
+    )
+    folders = [REPO / "data", *(REPO / family / "runs" for family in FAMILIES)]
+    return status, {(str(p), p.lstat().st_mtime_ns) for d in folders for p in d.rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """Fails the session when a test wrote into the checkout (a user's runs/, data/...)."""
+    before = checkout_state()
+    yield
+    after = checkout_state()
+    if after != before:
+        lines = set(after[0].splitlines()) ^ set(before[0].splitlines())
+        changed = sorted(lines | {path for path, _ in after[1] ^ before[1]})
+        pytest.fail(f"the suite changed the checkout: {', '.join(changed[:5])}", pytrace=False)
+
+
+SAMPLE = REPO / "data" / "flower_sample"  # the project's own photos: 30 per class
 
 # Small inputs that every network still accepts, so that a CPU epoch takes seconds.
 SMALL = {
@@ -30,17 +77,10 @@ SMALL = {
     "resnet": ["--arch", "resnet18", "--image-size", "64"],
 }
 
-needs_sample = pytest.mark.skipif(
-    not SAMPLE.is_dir(),
-    reason=f"the real flower sample is not at {SAMPLE} (../shared is absent on this machine)",
-)
-
 
 @pytest.fixture(scope="session")
 def flowers(tmp_path_factory) -> Path:
     """The real sample, split by split_data.py as a user would: 27 train / 3 val per class."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"the real flower sample is not at {SAMPLE} (../shared is absent)")
     out = tmp_path_factory.mktemp("data") / "flower_data"
     result = run_script(REPO / "split_data.py", "--source", SAMPLE, "--out", out)
     assert result.returncode == 0, result.stderr

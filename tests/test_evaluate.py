@@ -17,7 +17,6 @@ from conftest import (
     jpeg_bytes,
     load_module,
     load_script,
-    needs_sample,
     run_script,
 )
 
@@ -35,8 +34,6 @@ def files_of(folder: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def three_way(tmp_path_factory) -> Path:
     """The real sample split 8:1:1 into train/val/test."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"the real flower sample is not at {SAMPLE} (../shared is absent)")
     out = tmp_path_factory.mktemp("three_way") / "flower_data"
     made = run("split_data.py", "--source", SAMPLE, "--out", out, "--test-ratio", "0.1")
     assert made.returncode == 0, made.stderr
@@ -65,7 +62,6 @@ def resnet_run(three_way, tmp_path_factory) -> Path:
 # --- split_data.py --test-ratio --------------------------------------------------------------
 
 
-@needs_sample
 def test_test_ratio_adds_a_stratified_deterministic_test_folder(three_way, tmp_path):
     manifest = json.loads((three_way / "split.json").read_text())
     assert manifest["test_ratio"] == 0.1
@@ -115,7 +111,6 @@ def test_a_test_ratio_that_leaves_nothing_is_refused(tmp_path):
 # --- predict.py --eval -----------------------------------------------------------------------
 
 
-@needs_sample
 def test_eval_gives_the_val_accuracy_that_train_logged(three_way, resnet_run):
     """The run trained with --amp off, as predict.py computes: the same numbers."""
     result = run(
@@ -146,7 +141,6 @@ def test_eval_gives_the_val_accuracy_that_train_logged(three_way, resnet_run):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-@needs_sample
 def test_eval_on_the_test_folder_prints_the_table(three_way, resnet_run, tmp_path):
     result = run(
         "resnet/predict.py",

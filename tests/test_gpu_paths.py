@@ -21,7 +21,6 @@ from conftest import (
     answer,
     load_module,
     load_script,
-    needs_sample,
     run_script,
 )
 
@@ -37,7 +36,6 @@ def weights(path):
 # --- gradient accumulation -------------------------------------------------------------------
 
 
-@needs_sample
 @pytest.mark.parametrize("cache", ["on", "off"])
 def test_accumulating_two_batches_of_8_equals_one_batch_of_16(
     flowers, tmp_path, monkeypatch, cache
@@ -155,12 +153,33 @@ def test_out_of_memory_says_how_to_keep_the_recipe(tiny, tmp_path, monkeypatch, 
         runpy.run_path(str(script), run_name="__main__")
     message = str(exit_info.value.code)
     assert message.startswith("resnet/train.py: error: CUDA ran out of memory at --batch-size 32")
-    assert (
-        message.split("memory: ", 1)[1]
-        .split("; --amp")[0]
-        .endswith("--batch-size 16 --accum-steps 2")
-    )
+    assert "do not shrink with it" in message and "about half the memory" not in message
+    command = message.split("with half the activations: ", 1)[1].split("; --amp")[0]
+    assert command.endswith("--batch-size 16 --accum-steps 2")
     assert ("--amp bf16 or fp16" in message) == (amp == "off")
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_out_of_memory_at_a_tiny_batch_advises_no_smaller_one(tmp_path, batch):
+    train_py = load_script("resnet", "train")
+    argv = ["--batch-size", str(batch), "--output-dir", str(tmp_path), "--amp", "off"]
+    message = train_py.out_of_memory_message(train_py.get_args_parser().parse_args(argv))
+    assert message.startswith(f"CUDA ran out of memory at --batch-size {batch}; try a smaller")
+    assert "--batch-size 1 " not in message + " " and "--amp bf16 or fp16" in message
+
+
+def test_amp_off_on_a_gpu_multiplies_in_tf32_where_it_has_it(fake_gpu, monkeypatch):
+    utils = load_script("resnet", "utils")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = torch.backends.cuda.matmul.allow_tf32  # a flag of torch's C++ side
+    try:
+        for capability, tf32 in (((8, 6), True), ((7, 5), False)):
+            fake_gpu.capability = capability
+            run = utils.start_run("cuda", "off")
+            assert run.amp is None and torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert ("TF32" in run.amp_reason) is tf32, run.amp_reason
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 # --- resuming with another precision ---------------------------------------------------------
@@ -284,24 +303,55 @@ def load_memory_py():
         sys.path.remove(str(REPO / "benchmarks"))
 
 
-def test_memory_py_starts_up_on_a_gpu_and_caps_what_a_6_gib_card_leaves(fake_gpu, tmp_path):
-    memory = load_memory_py()
-    argv = ["--models", "lenet", "--device", "cuda", "--json", str(tmp_path / "m.json")]
-    with pytest.raises(ReachedGPU):  # measuring what lies outside the allocator
-        memory.main(memory.get_args_parser().parse_args(argv))
-    fractions = []
+def test_memory_py_starts_up_on_a_gpu_in_the_precision_train_py_picks(fake_gpu, monkeypatch):
+    memory, picked = load_memory_py(), []
+    monkeypatch.setattr(memory, "estimate", lambda name, batch, amp: picked.append(amp) or {})
+    argv = ["--models", "lenet", "--device", "cuda"]
+    for capability, amp in (((8, 6), torch.bfloat16), ((7, 5), torch.float16)):
+        fake_gpu.capability = capability
+        with pytest.raises(ReachedGPU):  # the network placed on the GPU
+            memory.main(memory.get_args_parser().parse_args(argv))
+        assert picked.pop() == amp, capability
+    assert ("get_device_capability", 0) in fake_gpu.calls
+
+
+def test_memory_py_measures_outside_the_allocator_after_the_networks_first_step(
+    fake_gpu, monkeypatch
+):
+    """The GPU holds 1 GiB of other processes' (the baseline, before the first CUDA call), and
+    this network's first step loads kernels worth 3 GiB more: 3 GiB are outside the allocator,
+    and a 6 GiB card leaves the allocator 3 of the fake's 8 GiB. Each batch's peak is measured
+    after one unmeasured step at that batch (cuDNN's trials), the peak counter reset between."""
+    memory, events, fractions = load_memory_py(), [], []
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))])
+    used = lambda: 4 * 2**30 if any(e[0] == "step" for e in events) else 2**30  # noqa: E731
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30 - used(), 8 * 2**30)
+    )
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda d=None: events.append(("reset",))
+    )
     fake_set = torch.cuda.set_per_process_memory_fraction
 
     def recording(fraction, device=None):
         fake_set(fraction, device)  # torch's checks: a float in [0, 1], a device with an index
         fractions.append(fraction)
 
-    torch.cuda.set_per_process_memory_fraction = recording  # fake_gpu's monkeypatch undoes it
-    with pytest.raises(ReachedGPU):
-        memory.measure_cuda("lenet", 64, torch.bfloat16, 6.0, outside=2**29)
-    # A 6 GiB card less the 0.5 GiB outside the allocator, of the fake's 8 GiB.
-    assert fractions == [pytest.approx(5.5 / 8)]
-    assert ("set_per_process_memory_fraction", 0) in fake_gpu.calls
+    def step(batch_size):
+        if batch_size > 100:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        events.append(("step", batch_size))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", recording)
+    monkeypatch.setattr(memory, "build", lambda *a: (None, optimizer, step, lambda: None))
+    result = memory.measure_cuda("lenet", 64, torch.bfloat16, 6.0, baseline=2**30)
+    assert result["outside_allocator_gib"] == pytest.approx(3.0)
+    assert fractions == [1.0, pytest.approx(3 / 8)]
+    assert result["peak_gib"] == pytest.approx(3.0)  # the fake's allocator reserves nothing
+    resets = [i for i, event in enumerate(events) if event == ("reset",)]
+    assert len(resets) >= 3  # 64, 128 (too many), then the bisection
+    for i in resets:  # each reset follows a step at the batch it measures
+        assert events[i - 1][0] == "step" and events[i + 1] == events[i - 1]
 
 
 @pytest.mark.parametrize("fits_up_to, largest", [(100, "100"), (None, "at least 4096")])
@@ -316,7 +366,7 @@ def test_memory_py_says_at_least_where_the_search_hit_its_ceiling(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(memory, "build", lambda *a: (None, optimizer, step, lambda: None))
-    result = memory.measure_cuda("lenet", 64, torch.bfloat16, 6.0, outside=0)
+    result = memory.measure_cuda("lenet", 64, torch.bfloat16, 6.0, baseline=0)
     assert result["largest_batch_under_cap"] == largest
 
 
@@ -463,8 +513,8 @@ def test_out_of_memory_advice_continues_a_saved_run_and_works(tiny, tmp_path, mo
     monkeypatch.undo()
     (out / ".lock").unlink()  # a run holds its folder until its process ends: this one is over
     message = str(exit_info.value.code)
-    assert "continue in about half the memory: python " in message
-    command = shlex.split(message.split("memory: ", 1)[1].split("; --amp")[0])
+    assert "continue with half the activations: python " in message
+    command = shlex.split(message.split("activations: ", 1)[1].split("; --amp")[0])
     last = str(out / "last.pth")
     assert command[-6:] == ["--batch-size", "4", "--accum-steps", "2", "--resume", last]
     # The advice, run as given: it continues from epoch 1 with the same optimizer step.

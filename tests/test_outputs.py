@@ -349,15 +349,16 @@ def test_an_image_that_turns_unreadable_mid_run_names_the_saved_epoch(tiny, tmp_
     assert str(error.value).endswith(f"--resume {last}")
 
 
-def test_lenet_names_the_one_image_size_it_takes(tiny):
+def test_lenet_names_the_one_image_size_it_takes(tiny, tmp_path):
     train_py = load_script("lenet", "train")
     with pytest.raises(
         train_py.UserError, match="--image-size 64: LeNet takes 32 x 32 images only"
     ):
-        call(train_py, "--data-path", tiny, *LENET, "--image-size", "64", "--dry-run")
+        out = ["--output-dir", tmp_path / "run"]
+        call(train_py, "--data-path", tiny, *out, *LENET, "--image-size", "64", "--dry-run")
 
 
-def test_the_cache_under_a_memory_limit_is_one_line(tiny, monkeypatch):
+def test_the_cache_under_a_memory_limit_is_one_line(tiny, tmp_path, monkeypatch):
     """Case 6: auto reads `ulimit -v` and a container's limit; on, out of memory, is one line."""
     import resource
 
@@ -375,7 +376,8 @@ def test_the_cache_under_a_memory_limit_is_one_line(tiny, monkeypatch):
 
     monkeypatch.setattr(train_py.utils.CachedImages, "__init__", out_of_memory)
     with pytest.raises(train_py.UserError, match="do not fit in memory; use --cache off"):
-        call(train_py, "--data-path", tiny, *LENET, "--cache", "on", "--dry-run")
+        out = ["--output-dir", tmp_path / "run"]
+        call(train_py, "--data-path", tiny, *out, *LENET, "--cache", "on", "--dry-run")
 
 
 # --- checkpoints ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import (
     REPO,
@@ -21,7 +22,6 @@ from conftest import (
     load_module,
     load_script,
     make_image_folder,
-    needs_sample,
 )
 from conftest import run_script as run
 
@@ -160,7 +160,7 @@ def test_checksum_mismatch_deletes_the_file_and_fails(server, project, tmp_path)
 def test_no_network_says_how_to_use_source(project, tmp_path):
     # Port 9 on the loopback (discard) has no listener here: the connection is refused.
     result = run(project / "split_data.py", "--url", "http://127.0.0.1:9/flower_photos.tgz")
-    assert_one_line_error(result, "cannot download", "--source")
+    assert_one_line_error(result, "cannot download", "--sample", "--source")
 
 
 # --- safe extraction -------------------------------------------------------------------------
@@ -257,10 +257,26 @@ def test_archive_source_with_a_wrapper_folder(tmp_path, kind):
 # --- the split -------------------------------------------------------------------------------
 
 
-@needs_sample
+def test_the_projects_own_photos_are_small_and_credited():
+    photos = sorted(SAMPLE.glob("*/*.jpg"))
+    assert len(photos) == 150 and sum(p.stat().st_size for p in photos) < 5 * 2**20
+    assert {p.parent.name for p in photos} == {
+        "daisy",
+        "dandelion",
+        "roses",
+        "sunflowers",
+        "tulips",
+    }
+    assert all(min(Image.open(p).size) <= 256 for p in photos)
+    credits = (SAMPLE / "LICENSE.txt").read_text()
+    assert "creativecommons.org/licenses/by/2.0" in credits
+    credited = {line.split(" ", 1)[0] for line in credits.splitlines() if " by " in line}
+    assert credited >= {f"{p.parent.name}/{p.name}" for p in photos}
+
+
 def test_sample_split_counts_and_repeatability(tmp_path):
     out = tmp_path / "flower_data"
-    first = run(SCRIPT, "--source", SAMPLE, "--out", out, cwd=tmp_path)
+    first = run(SCRIPT, "--sample", "--out", out, cwd=tmp_path)  # no network needed
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / "split.json").read_text())
     classes = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
@@ -270,6 +286,7 @@ def test_sample_split_counts_and_repeatability(tmp_path):
         assert manifest["classes"][name] == {"train": n - expected_val, "val": expected_val}
         assert len(list((out / "val" / name).iterdir())) == expected_val
         assert f"{name}" in first.stdout
+        assert manifest["classes"][name] == {"train": 27, "val": 3}
     files = listing(out)
     second = run(SCRIPT, "--source", SAMPLE, "--out", out, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -283,7 +300,6 @@ def test_sample_split_counts_and_repeatability(tmp_path):
     assert len(listing(tmp_path / "s1")["val"]) == len(files["val"])
 
 
-@needs_sample
 def test_split_does_not_depend_on_directory_listing_order(tmp_path, monkeypatch):
     split_data = load_module(SCRIPT, "split_data_under_test")
     parser = split_data.get_args_parser()

@@ -21,7 +21,6 @@ from conftest import (
     jpeg_bytes,
     load_module,
     load_script,
-    needs_sample,
     run_script,
     val_accuracy_of,
 )
@@ -74,7 +73,6 @@ def build_from_checkpoint(family: str, checkpoint: dict) -> torch.nn.Module:
 # --- end to end ------------------------------------------------------------------------------
 
 
-@needs_sample
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers, sample_runs):
     result, out = sample_runs[family]
@@ -122,7 +120,6 @@ def test_trains_end_to_end_on_the_sample_and_writes_every_output(family, flowers
         assert checked == pytest.approx(last["history"][-1]["val_acc"], abs=1e-4)
 
 
-@needs_sample
 def test_amp_off_and_default_both_learn(flowers, tmp_path):
     train_py, losses = load_script("resnet", "train"), {}
     for amp in ("off", "auto"):  # in this process: no interpreter to start
@@ -142,7 +139,6 @@ def weights_of(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-@needs_sample
 def test_interrupt_then_resume_gives_the_same_weights_as_a_straight_run(flowers, tmp_path):
     common = ["--data-path", flowers, "--epochs", "2", "--workers", "0", *SMALL["resnet"]]
     straight = train("resnet", *common, "--output-dir", tmp_path / "straight")

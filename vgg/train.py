@@ -210,14 +210,16 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoc
         sums[1] += loss.detach().double() * targets.size(0)
         sums[2] += (logits.argmax(1) == targets).sum()
         bar.update()
+        if batch == 1 and batches > 1 and device.type == "cuda":  # cuDNN's trials are done
+            torch.cuda.reset_peak_memory_stats(device)
         if batch >= batches:
             break
         ready = time.perf_counter()
     bar.close()
-    seconds = time.perf_counter() - start
     if run.distributed:  # totals over every process
         dist.all_reduce(sums)
-    seen, loss_sum, correct = sums.tolist()
+    seen, loss_sum, correct = sums.tolist()  # waits for the GPU's queued work: then the clock
+    seconds = time.perf_counter() - start
     if not math.isfinite(loss_sum):  # judged on the totals: every process stops alike
         problem = f"loss became {loss_sum / seen} in epoch {epoch}: training diverged"
         raise UserError(f"{problem}; try a lower --lr (now {args.lr:g})")
@@ -324,16 +326,22 @@ def output_dir_of(args: argparse.Namespace) -> Path:
 
 
 def out_of_memory_message(args: argparse.Namespace) -> str:
-    """Half the batch and twice --accum-steps: the same optimizer step in about half the
-    memory, continuing from last.pth if the run saved one."""
-    changes = {"--batch-size": str(max(1, args.batch_size // 2))}
-    changes["--accum-steps"] = str(2 * args.accum_steps)
+    """Half the batch and twice --accum-steps: the same optimizer step with half the
+    activations, continuing from last.pth if the run saved one. The weights, their gradients
+    and AdamW's state do not shrink with the batch (most of what VGG16 holds)."""
+    problem = f"CUDA ran out of memory at --batch-size {args.batch_size}"
+    amp = "; --amp bf16 or fp16 also halves the activations" if args.amp == "off" else ""
+    if args.batch_size < 4:  # half of it would leave batch norm fewer than 2 images
+        return f"{problem}; try a smaller --image-size{amp}"
+    changes = {
+        "--batch-size": str(args.batch_size // 2),
+        "--accum-steps": str(2 * args.accum_steps),
+    }
     last = output_dir_of(args) / "last.pth"
     changes |= {"--resume": str(last)} if last.is_file() else {}
     what = "continue" if last.is_file() else "the same training"
-    amp = "; --amp bf16 or fp16 also halves the activations" if args.amp == "off" else ""
-    advice = f"{what} in about half the memory: {utils.command_with(changes)}{amp}"
-    return f"CUDA ran out of memory at --batch-size {args.batch_size}; {advice}"
+    advice = f"{what} with half the activations: {utils.command_with(changes)}{amp}"
+    return f"{problem} (weights, gradients and AdamW's state do not shrink with it); {advice}"
 
 
 def main(args: argparse.Namespace) -> None:
