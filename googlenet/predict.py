@@ -148,7 +148,9 @@ def draw(files: list[Path], titles: list[str], path: Path, heading="", pictures=
     pictures = pictures or [ImageOps.contain(utils.open_rgb(f, 512), (512, 512)) for f in files]
     cols, scale = max(1, min(5, len(files))), 3 if len(files) > 1 else 5
     rows = max(1, math.ceil(len(files) / cols))
-    fig = Figure(figsize=(scale * cols, (scale + 0.4) * rows), layout="constrained")
+    lines = 2 + max([t.count("\n") for t in titles] or [0])  # each title, and the file's name
+    height = (scale + 0.3 * lines) * rows + 0.3 * bool(heading)  # room for every title line
+    fig = Figure(figsize=(scale * cols, height), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")

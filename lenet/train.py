@@ -11,7 +11,6 @@ import signal
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): stop, without a traceback
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
-import contextlib
 import math
 import time
 import urllib.error
@@ -36,6 +35,8 @@ FAMILY = "lenet"
 DEFAULTS = {"arch": "lenet", "batch_size": 64, "lr": 2e-3, "image_size": 32}
 # ImageNet's mean and std: what torchvision's pretrained weights expect, and fine from scratch.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# A first run that takes minutes on a CPU, which train.py suggests when the defaults take hours.
+QUICKER = {"--epochs": "5"}
 
 
 # This folder's own part: the network and its loss
@@ -172,62 +173,50 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, epoc
 
     With --accum-steps N the gradients of N batches add up before each optimizer step; each
     batch's loss counts by its share of the step's images, so the step is the mean over them,
-    as one large batch would have it. The sums stay on the device: each read waits for a GPU.
+    as one large batch would have it.
     """
-    model.train()
-    for module in model.modules():  # a frozen layer (--freeze-backbone) keeps its statistics
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
-            module.train(module.weight.requires_grad)
-    device, amp, accum = run.device, run.amp, args.accum_steps
-    batches = min(accum, len(loader)) if args.dry_run else len(loader)
-    n, size = len(loader.sampler), args.batch_size  # this process's images, per batch
-    sizes = [min(size, n - i * size) for i in range(batches)]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # images, loss x images, correct
-    bar = tqdm(total=batches, desc=f"epoch {epoch} train", leave=False, disable=not run.is_main)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    waited, start = 0.0, time.perf_counter()
-    ready = start
-    for batch, (images, targets) in enumerate(loader, 1):
-        waited += time.perf_counter() - ready  # the time this batch kept the model waiting
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-        targets = targets.to(device, non_blocking=True)
-        last_of_step = batch % accum == 0 or batch == batches
-        first = (batch - 1) // accum * accum
-        share = targets.size(0) / sum(sizes[first : first + accum])
-        # Under DDP, gradients are averaged over the processes once per optimizer step.
-        no_sync = run.distributed and not last_of_step and hasattr(model, "no_sync")
-        with model.no_sync() if no_sync else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+    set_train_mode(model)
+    batches = min(args.accum_steps, len(loader)) if args.dry_run else len(loader)
+    steps = accumulation(len(loader.sampler), args.batch_size, batches, args.accum_steps)
+    meter = utils.EpochMeter(epoch, args.epochs, batches, run, QUICKER)  # bar, sums, clock
+    # zip stops after the last step (--dry-run takes fewer batches than the loader has).
+    for (share, ends_step), (images, targets) in meter.wrap(zip(steps, loader, strict=False)):
+        # 1. The batch to the device (channels_last: the memory layout fast convolutions use).
+        images = images.to(run.device, non_blocking=True, memory_format=torch.channels_last)
+        targets = targets.to(run.device, non_blocking=True)
+        with utils.averaging_gradients(model, run, now=ends_step):  # DDP: once per step
+            # 2. Forward and loss, in the precision autocast picks per operation.
+            with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
                 loss, logits = compute_loss(model(images), targets, criterion)
+            # 3. Backward: the gradient of the loss for every weight (added to what is there).
             scaler.scale(loss * share).backward()
-        if last_of_step:
+        # 4. The optimizer step moves every weight against its gradient; then the next lr.
+        if ends_step:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        sums[0] += targets.size(0)
-        sums[1] += loss.detach().double() * targets.size(0)
-        sums[2] += (logits.argmax(1) == targets).sum()
-        bar.update()
-        if batch == 1 and batches > 1 and device.type == "cuda":  # cuDNN's trials are done
-            torch.cuda.reset_peak_memory_stats(device)
-        if batch >= batches:
-            break
-        ready = time.perf_counter()
-    bar.close()
-    if run.distributed:  # totals over every process
-        dist.all_reduce(sums)
-    seen, loss_sum, correct = sums.tolist()  # waits for the GPU's queued work: then the clock
-    seconds = time.perf_counter() - start
-    if not math.isfinite(loss_sum):  # judged on the totals: every process stops alike
-        problem = f"loss became {loss_sum / seen} in epoch {epoch}: training diverged"
-        raise UserError(f"{problem}; try a lower --lr (now {args.lr:g})")
-    row = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds}
-    row |= {"img_s": seen / seconds, "data_wait": waited / seconds}
-    if device.type == "cuda":  # the most this epoch's tensors took on this GPU
-        row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return row
+        meter.add(loss, logits, targets)
+    return meter.row(args.lr)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Training mode, but a frozen layer (--freeze-backbone) keeps its batch-norm statistics."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            module.train(module.weight.requires_grad)
+
+
+def accumulation(images: int, batch_size: int, batches: int, accum: int) -> list[tuple]:
+    """For each batch: its share of its optimizer step's images, and whether it ends the step
+    (every accum-th batch, and the last)."""
+    sizes = [min(batch_size, images - i * batch_size) for i in range(batches)]
+    steps = [sum(sizes[first : first + accum]) for first in range(0, batches, accum)]
+    return [
+        (size / steps[i // accum], (i + 1) % accum == 0 or i + 1 == batches)
+        for i, size in enumerate(sizes)
+    ]
 
 
 @torch.no_grad()
@@ -262,8 +251,9 @@ def prepare_outputs(args: argparse.Namespace, run: Run):
         utils.prepare_output_dir(output_dir)
     if args.resume is None:
         if (last := output_dir / "last.pth").exists():
-            what = "continue its run with --resume" if last.is_file() else "a folder: move it away"
-            raise UserError(f"{output_dir} holds last.pth, {what}")
+            what = "of an earlier run: continue it with --resume, or start a new run elsewhere"
+            what = what if last.is_file() else "(a folder): move it away, or start elsewhere"
+            raise UserError(f"{output_dir} holds last.pth {what} with --output-dir DIR")
         return args, output_dir, None
     path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
     checkpoint = utils.load_checkpoint(path.expanduser().resolve(), FAMILY)

@@ -6,6 +6,7 @@ own: fix it in resnet/, then run `python tests/sync_shared.py`."""
 
 import argparse
 import atexit
+import contextlib
 import io
 import math
 import os
@@ -13,6 +14,7 @@ import random
 import shlex
 import signal
 import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -144,6 +146,14 @@ def distribute(model: nn.Module, run: Run, sync_bn: bool, compile: bool) -> nn.M
     return torch.compile(model) if compile else model
 
 
+def averaging_gradients(model: nn.Module, run: Run, now: bool):
+    """Under DDP, backward averages the gradients over the processes; between the optimizer
+    steps of --accum-steps that is wasted work: no_sync() skips it until the step's last batch."""
+    if run.distributed and not now and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def share_buffers(model: nn.Module, run: Run) -> None:
     """Rank 0's buffers (batch-norm statistics) to every process: theirs drift a little."""
     if run.distributed:
@@ -262,10 +272,11 @@ def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run)
     size, validation the output of its first two steps (resize, crop): the same results."""
     need = (len(train_set) + len(val_set)) * 4 * (2 * image_size) ** 2 * run.local_world_size
     ram = memory_limit()  # auto: on when the decoded images (4:3 photos) take under 1/8 of it
-    how = ("on" if need < ram / 8 else "off") if how == "auto" else how
-    if run.is_main:
-        print(f"--cache {how}: the images take about {need / 2**20:.0f} of {ram / 2**20:.0f} MiB")
+    auto, limit = how == "auto", f"an eighth of the {ram / 2**20:.0f} MiB this process may use"
+    how = ("on" if need < ram / 8 else "off") if auto else how
     if how == "off":
+        if run.is_main and auto:
+            print(f"photos decoded anew each epoch: cached, they would take over {limit}")
         return train_set, val_set
 
     def shrink(image: Image.Image) -> torch.Tensor:  # the shorter side at most twice the crop
@@ -279,6 +290,9 @@ def cache(train_set, val_set, how: str, image_size: int, workers: int, run: Run)
         val_set = CachedImages(val_set, prepare, T.Compose(steps[2:]), workers)
     except MemoryError as e:
         raise UserError("--cache: the decoded images do not fit in memory; use --cache off") from e
+    if run.is_main:
+        size = f"{(train_set.nbytes + val_set.nbytes) / 2**20:.0f} MiB"
+        print(f"decoded photos cached in RAM: {size}" + (f" (--cache auto: under {limit})" * auto))
     return train_set, val_set
 
 
@@ -439,6 +453,71 @@ def prepare_output_dir(output_dir: Path) -> None:
     atexit.register(lock.unlink, missing_ok=True)
 
 
+class EpochMeter:
+    """The bookkeeping of a training epoch, apart from its lesson: the progress bar, the time
+    spent waiting for the data loader, the running sums of loss and accuracy (kept on the
+    device: each read waits for a GPU), the GPU's peak memory, and on the CPU one note when the
+    run ahead will take over an hour."""
+
+    def __init__(self, epoch: int, epochs: int, batches: int, run: Run, quicker: dict) -> None:
+        self.epoch, self.epochs, self.batches, self.run = epoch, epochs, batches, run
+        self.quicker, self.note_due = quicker, epoch == 1 and run.device.type == "cpu"
+        self.sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # images, loss, right
+        self.bar = tqdm(
+            total=batches, desc=f"epoch {epoch} train", leave=False, disable=not run.is_main
+        )
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        self.waited, self.start = 0.0, time.perf_counter()
+
+    def wrap(self, iterable):
+        """Yields iterable's items, timing the waits for them (what the model did not use)."""
+        ready = self.start
+        for batch, item in enumerate(iterable, 1):
+            self.waited += time.perf_counter() - ready
+            yield item
+            self.bar.update()
+            if batch == 1 and self.batches > 1 and self.run.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.run.device)  # cuDNN's trials are done
+            self.note_a_long_run(batch)
+            ready = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.sums[0] += targets.size(0)
+        self.sums[1] += loss.detach().double() * targets.size(0)
+        self.sums[2] += (logits.argmax(1) == targets).sum()
+
+    def note_a_long_run(self, batch: int) -> None:
+        """On the CPU, from the first batches of epoch 1 (10 s or 4 batches): over an hour ahead?"""
+        elapsed = time.perf_counter() - self.start
+        if not self.note_due or not (elapsed >= 10 or batch == 4):
+            return
+        self.note_due = False
+        hours = elapsed / batch * self.batches * self.epochs / 3600
+        if hours > 1 and self.run.is_main:
+            per_epoch = f"{elapsed / batch * self.batches / 60:.0f} min per epoch"
+            tqdm.write(
+                f"note: on the CPU this run takes about {hours:.0f} h ({per_epoch}, from its first "
+                f"batches); a quicker first run: {command_with(self.quicker)}"
+            )
+
+    def row(self, lr: float) -> dict:
+        """The epoch's loss, accuracy and speed, summed over every process."""
+        self.bar.close()
+        if self.run.distributed:
+            dist.all_reduce(self.sums)
+        seen, loss_sum, correct = self.sums.tolist()  # waits for the GPU's queued work
+        seconds = time.perf_counter() - self.start  # so the clock is read after it
+        if not math.isfinite(loss_sum):  # judged on the totals: every process stops alike
+            problem = f"loss became {loss_sum / seen} in epoch {self.epoch}: training diverged"
+            raise UserError(f"{problem}; try a lower --lr (now {lr:g})")
+        row = {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seconds": seconds}
+        row |= {"img_s": seen / seconds, "data_wait": self.waited / seconds}
+        if self.run.device.type == "cuda":  # the most this epoch's tensors took on this GPU
+            row["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.run.device) / 2**30
+        return row
+
+
 def running(pid: str) -> bool:
     """Whether another process pid runs (where that cannot be told, as on Windows: True)."""
     try:
@@ -557,12 +636,23 @@ def number(kind: type, low: float, high: float = math.inf, low_in=True, high_in=
 
 
 def command_with(changes: dict[str, str]) -> str:
-    """This run's command line with the flags in changes added: the last value of a flag wins."""
+    """This run's command line with the flags in changes set to their values: a flag given
+    already (as --flag VALUE, --flag=VALUE, or -b for --batch-size) loses its old value."""
     launcher = ["python"]
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: restart the same way
         launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
+    names = {name for flag in changes for name in (flag, *SHORT.get(flag, ()))}
+    argv, kept = sys.argv[1:], []
+    for i, part in enumerate(argv):
+        flag = part.split("=", 1)[0] if part.startswith("-") else None
+        value_of_a_changed_flag = flag is None and i > 0 and argv[i - 1] in names
+        if flag not in names and not value_of_a_changed_flag:
+            kept.append(part)
     changed = [part for flag, value in changes.items() for part in (flag, value)]
-    return shlex.join([*launcher, *sys.argv, *changed])
+    return shlex.join([*launcher, sys.argv[0], *kept, *changed])
+
+
+SHORT = {"--batch-size": ("-b",), "--workers": ("-j",)}  # the short names of train.py's flags
 
 
 def exit_interrupted(message: str = "") -> NoReturn:

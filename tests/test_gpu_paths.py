@@ -2,6 +2,7 @@
 under a fake GPU that checks every CUDA call as torch does (conftest.fake_gpu)."""
 
 import argparse
+import re
 import runpy
 import shlex
 import signal
@@ -221,7 +222,17 @@ def test_cache_auto_caches_what_fits_comfortably_in_memory(
     assert isinstance(train_set, train_py.utils.CachedImages) == cached
     assert isinstance(val_set, train_py.utils.CachedImages) == cached
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"--cache {'on' if cached else 'off'}: the images take about ")
+    if cached:
+        assert re.fullmatch(
+            r"decoded photos cached in RAM: \d+ MiB \(--cache auto: under an eighth "
+            r"of the 10000 MiB this process may use\)",
+            line,
+        ), line
+    else:
+        assert (
+            line == "photos decoded anew each epoch: cached, they would take over an eighth "
+            "of the 1 MiB this process may use"
+        )
 
 
 def test_the_cache_estimate_bounds_what_caching_holds(tiny, monkeypatch, capsys):
@@ -231,8 +242,8 @@ def test_the_cache_estimate_bounds_what_caching_holds(tiny, monkeypatch, capsys)
     args = train_py.get_args_parser().parse_args(argv)
     run = train_py.utils.Run(torch.device("cpu"), None, "off")
     train_set, val_set, _ = train_py.load_datasets(args, run, 0)
-    estimate = float(capsys.readouterr().out.split("about ")[1].split()[0]) * 2**20
-    assert train_set.nbytes + val_set.nbytes <= estimate + 2**19  # the estimate is rounded
+    estimate = (len(train_set) + len(val_set)) * 4 * (2 * 32) ** 2  # as cache() reckons it
+    assert train_set.nbytes + val_set.nbytes <= estimate
 
 
 # --- start-up under the fake GPU: every script, up to its first CUDA work --------------------

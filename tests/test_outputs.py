@@ -412,7 +412,7 @@ def test_bogus_checkpoints_are_one_true_line(tiny_run, tmp_path):
 def test_an_output_folder_with_a_folder_named_last_pth_says_so(tiny, tmp_path):
     train_py = load_script("lenet", "train")
     (tmp_path / "run" / "last.pth").mkdir(parents=True)
-    with pytest.raises(train_py.UserError, match="holds last.pth, a folder: move it away"):
+    with pytest.raises(train_py.UserError, match=r"holds last.pth \(a folder\): move it away"):
         call(train_py, "--data-path", tiny, "--output-dir", tmp_path / "run", *LENET)
 
 

@@ -236,6 +236,53 @@ def test_every_epoch_is_written_and_an_interrupt_names_the_epoch_last_pth_holds(
     assert stderr.strip().splitlines()[-1].endswith(f"--resume {out.resolve() / 'last.pth'}")
 
 
+def test_a_resumed_runs_commands_name_the_resume_flag_once(monkeypatch):
+    utils = load_script("resnet", "utils")
+    argv = ["resnet/train.py", "-b", "8", "--resume", "/a/last.pth", "--epochs=3", "--lr", "1e-3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    changed = utils.command_with({"--resume": "/b/last.pth", "--batch-size": "4"})
+    assert (
+        changed == "python resnet/train.py --epochs=3 --lr 1e-3 --resume /b/last.pth --batch-size 4"
+    )
+    monkeypatch.setattr(sys, "argv", ["resnet/train.py", "--resume", "--lr", "1e-3"])  # no value
+    assert utils.command_with({"--resume": "x"}) == "python resnet/train.py --lr 1e-3 --resume x"
+
+
+@pytest.mark.parametrize("seconds_per_call, noted", [(1000.0, True), (None, False)])
+def test_a_cpu_run_of_over_an_hour_says_so_in_its_first_epoch_with_a_quicker_command(
+    tiny, tmp_path, monkeypatch, capsys, seconds_per_call, noted
+):
+    """The epoch's clock advanced by seconds_per_call at every reading (a slow CPU), or real."""
+    train_py = load_script("resnet", "train")
+    if seconds_per_call:
+        clock = iter(range(1, 10**6))
+        fake_time = type("Time", (), {"perf_counter": lambda: next(clock) * seconds_per_call})
+        monkeypatch.setattr(train_py.utils, "time", fake_time)
+    argv = [
+        "--data-path",
+        str(tiny),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--epochs",
+        "2",
+        "-b",
+        "4",
+    ]
+    argv += ["--workers", "0", "--device", "cpu", "--arch", "resnet18", "--image-size", "32"]
+    monkeypatch.setattr(sys, "argv", ["resnet/train.py", *argv])
+    train_py.main(train_py.get_args_parser().parse_args(argv))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == noted  # once, in epoch 1, or never
+    if noted:
+        assert re.search(
+            r"note: on the CPU this run takes about \d+ h \(\d+ min per epoch", notes[0]
+        )
+        kept = " ".join(argv[:12])  # all but --arch and --image-size, which change
+        assert notes[0].endswith(
+            f"run: python resnet/train.py {kept} --arch resnet18 --image-size 64"
+        )
+
+
 # --- one contract in five files --------------------------------------------------------------
 
 
@@ -478,7 +525,12 @@ def test_resume_from_another_model_or_dataset_is_refused(tiny, tiny_run, tmp_pat
 def test_a_finished_run_is_not_overwritten(tiny, tiny_run, tmp_path):
     before = tiny_run.read_bytes()
     argv = ["--data-path", tiny, "--epochs", "1", "--output-dir", tiny_run.parent]
-    refused("lenet", *argv, match="holds last.pth, continue its run with --resume")
+    refused(
+        "lenet",
+        *argv,
+        match="holds last.pth of an earlier run: continue it with --resume, "
+        "or start a new run elsewhere with --output-dir DIR",
+    )
     assert tiny_run.read_bytes() == before
 
 
