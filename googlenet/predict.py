@@ -36,6 +36,7 @@ from utils import UserError
 FOLDER = Path(__file__).resolve().parent
 FAMILY = "googlenet"
 DEFAULT_ARCH = "googlenet"
+ARCHS: dict = {}  # one network, no --arch: another run folder is named by --weights
 # Grad-CAM looks at the last Inception block: 7 x 7 at 224 pixels
 CAM_LAYER = "inception5b"
 MAX_GRID = 25  # photos drawn in a figure
@@ -162,12 +163,21 @@ def draw(files: list[Path], titles: list[str], path: Path, heading="", pictures=
 
 
 def score(files, labels, probabilities, classes: list[str], k: int) -> dict:
-    """Accuracy, top-k accuracy, the confusion matrix (rows: the true class), the mistakes."""
+    """Accuracy, top-k accuracy, precision, recall and F1 per class, the confusion matrix (rows:
+    the true class), the mistakes."""
     n, predicted = len(classes), probabilities.argmax(1)
     matrix = torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
     in_top_k = (probabilities.topk(k, dim=1).indices == labels[:, None]).any(1)
     scores = {"images": len(files), "accuracy": (predicted == labels).float().mean().item()}
-    scores |= {"k": k, "top_k_accuracy": in_top_k.float().mean().item()}
+    if 1 < k < n:  # top-1 is the accuracy, and the top n are always right
+        scores |= {"k": k, "top_k_accuracy": in_top_k.float().mean().item()}
+    right, guessed, truly = matrix.diag(), matrix.sum(0).clamp(min=1), matrix.sum(1).clamp(min=1)
+    precision, recall = (right / guessed).tolist(), (right / truly).tolist()
+    scores["per_class"] = {
+        c: {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+        | {"images": n_c}
+        for c, p, r, n_c in zip(classes, precision, recall, matrix.sum(1).tolist(), strict=True)
+    }
     scores["confusion_matrix"], confidence = matrix.tolist(), probabilities.max(1).values
     wrong = sorted((predicted != labels).nonzero().flatten().tolist(), key=lambda j: -confidence[j])
     scores["misclassified"] = [
@@ -200,12 +210,16 @@ def report(files, probabilities, classes: list[str], k: int, scores: dict | None
         records = [{"file": str(file), "top": top} for file, top in zip(files, tops, strict=True)]
         print(json.dumps(scores if args.eval else records, indent=2))
     elif args.eval:
-        what = f"{scores['images']} images, accuracy {scores['accuracy']:.4f}, top-{k} accuracy"
-        print(f"{args.inputs[0]}: {what} {scores['top_k_accuracy']:.4f}")
-        matrix = torch.tensor(scores["confusion_matrix"])
-        recall = (matrix.diag() / matrix.sum(1).clamp(min=1)).tolist()
-        recall = ", ".join(f"{c} {r:.3f}" for c, r in zip(classes, recall, strict=True))
-        print(f"recall per class: {recall}\nsaved {', '.join(scores['outputs'])}")
+        top_k = f", top-{k} accuracy {scores['top_k_accuracy']:.4f}" if "k" in scores else ""
+        print(
+            f"{args.inputs[0]}: {scores['images']} images, accuracy {scores['accuracy']:.4f}{top_k}"
+        )
+        width = max(len(c) for c in classes)
+        print(f"{'class':<{width}}  precision  recall     f1  images")
+        for c, m in scores["per_class"].items():
+            p, r, f1, n = m["precision"], m["recall"], m["f1"], m["images"]
+            print(f"{c:<{width}}  {p:9.3f}  {r:6.3f}  {f1:5.3f}  {n:6d}")
+        print(f"saved {', '.join(scores['outputs'])}")
     else:
         for file, top in zip(files, tops, strict=True):
             print(f"{file}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in top))
@@ -216,6 +230,13 @@ def read_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
     weights = args.weights or FOLDER / "runs" / (args.arch or DEFAULT_ARCH) / "best.pth"
     weights = weights.expanduser().resolve()
     if not weights.is_file():
+        found = [p.parent.name for p in sorted(FOLDER.glob("runs/*/best.pth"))]
+        use = [
+            f"--arch {a}" if a in ARCHS else f"--weights {FOLDER / 'runs' / a / 'best.pth'}"
+            for a in found
+        ]
+        if use and not args.weights:
+            raise UserError(f"no checkpoint at {weights}; trained here: {', '.join(use)}")
         train = f"python {FAMILY}/train.py" + (f" --arch {args.arch}" if args.arch else "")
         raise UserError(f"no checkpoint at {weights}: train one with `{train}`, or pass --weights")
     checkpoint = utils.load_checkpoint(weights, FAMILY)
@@ -258,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
     classes = checkpoint["classes"]
     transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     draft = 2 * round(checkpoint["image_size"] / 0.875)  # as train.py decodes its val photos
-    k, scores = min(args.topk, len(classes)), None
+    k, scores = min(args.topk or max(1, min(5, len(classes) // 2)), len(classes)), None
     if args.eval:
         files, labels, problems = labelled_images(args.inputs[0].expanduser(), classes)
     else:
@@ -288,9 +309,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="+", type=Path, metavar="PHOTO_OR_FOLDER", help="photos, folders of photos")
     add("--weights", type=Path, help="a checkpoint of train.py (default: runs/<arch>/best.pth)")
     add_model_args(parser)
-    add("--topk", type=utils.number(int, 1), default=5, help="classes listed per photo")
+    add(
+        "--topk",
+        type=utils.number(int, 1),
+        help="classes listed per photo, and --eval's top-k "
+        "(default: 5, at most half the classes: 2 of 5)",
+    )
     add("--json", action="store_true", help="print the results as JSON, nothing else")
-    add("--save", type=Path, metavar="PATH", help="the figure, or --eval's folder (default: no)")
+    add(
+        "--save",
+        type=Path,
+        metavar="PATH",
+        help="the figure, or --eval's folder (default: beside the checkpoint; none with --json)",
+    )
     add("--eval", action="store_true", help="score a folder of class folders: accuracy, mistakes")
     add("--cam", action="store_true", help="draw where the network looks (Grad-CAM)")
     add("-b", "--batch-size", type=utils.number(int, 1), default=32, help="photos per forward pass")

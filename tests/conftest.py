@@ -247,6 +247,23 @@ def model_py_output(family: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(sys.argv, code or 0, out.getvalue(), err.getvalue())
 
 
+def texts_outside(fig) -> list[str]:
+    """The titles and axis labels of fig, drawn as saved, that reach past its edges."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    texts = [*fig.texts, *([fig._suptitle] if fig._suptitle else [])]
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+    edges, outside = fig.bbox.padded(0.5), []  # half a pixel: rounding
+    for text in (t for t in texts if t.get_visible() and t.get_text().strip()):
+        box = text.get_window_extent(canvas.get_renderer())
+        if not (edges.contains(*box.min) and edges.contains(*box.max)):
+            outside.append(text.get_text())
+    return outside
+
+
 def answer(value):
     """A function that returns value, and says it wraps itself: torch._dynamo, once imported,
     reads torch.backends.mps.is_available.__wrapped__."""

@@ -156,15 +156,17 @@ def test_eval_on_the_test_folder_prints_the_table(three_way, resnet_run, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert re.match(r".*test: 15 images, accuracy [\d.]+, top-2 accuracy [\d.]+$", lines[0])
-    recall = re.fullmatch(r"recall per class: (.*)", lines[1]).group(1).split(", ")
-    assert [entry.split()[0] for entry in recall] == sorted(
-        p.name for p in SAMPLE.iterdir() if p.is_dir()
-    )
+    assert lines[1].split() == ["class", "precision", "recall", "f1", "images"]
+    rows = [line.split() for line in lines[2:7]]
+    assert [row[0] for row in rows] == sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
     # Recall per class from the confusion matrix: its weighted mean is the accuracy.
     accuracy = float(re.search(r"accuracy ([\d.]+),", lines[0]).group(1))
-    assert sum(3 * float(entry.split()[1]) for entry in recall) / 15 == pytest.approx(
-        accuracy, abs=1e-3
+    assert sum(int(row[4]) * float(row[2]) for row in rows) / 15 == pytest.approx(
+        accuracy, abs=2e-3
     )
+    for _, precision, recall, f1, _ in rows:  # F1: the harmonic mean of the two
+        p, r = float(precision), float(recall)
+        assert float(f1) == pytest.approx(2 * p * r / (p + r) if p + r else 0, abs=2e-3)
     assert (tmp_path / "report" / "misclassified.png").is_file()
 
 
@@ -185,8 +187,13 @@ def test_score_computes_accuracy_the_matrix_and_the_mistakes():
     assert scores["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert [m["file"] for m in scores["misclassified"]] == ["4.jpg", "2.jpg"]
     assert scores["top_k_accuracy"] == pytest.approx(1.0)
-    top_1 = predict_py.score(files, labels, probabilities, classes, k=1)["top_k_accuracy"]
-    assert top_1 == pytest.approx(4 / 6)
+    for k in (1, 3):  # top-1 is the accuracy; the top 3 of 3 classes are always right
+        assert "top_k_accuracy" not in predict_py.score(files, labels, probabilities, classes, k=k)
+    # a: 2 of 2 said a are a, 2 of 3 a found; b: 1 of 2, 1 of 2; c: 1 of 2, 1 of 1.
+    per_class = [m[key] for m in scores["per_class"].values() for key in ("precision", "recall")]
+    per_class += [m[key] for m in scores["per_class"].values() for key in ("f1", "images")]
+    assert list(scores["per_class"]) == classes
+    assert per_class == pytest.approx([1, 2 / 3, 0.5, 0.5, 0.5, 1, 0.8, 3, 0.5, 2, 2 / 3, 1])
 
 
 def test_eval_names_bad_folders_and_files_and_scores_the_rest(tiny, tiny_run, tmp_path):

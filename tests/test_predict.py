@@ -15,7 +15,15 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from conftest import FAMILIES, REPO, jpeg_bytes, load_module, load_script, run_script
+from conftest import (
+    FAMILIES,
+    REPO,
+    jpeg_bytes,
+    load_module,
+    load_script,
+    run_script,
+    texts_outside,
+)
 from sync_shared import shared_definitions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -113,6 +121,75 @@ def test_human_output_lists_the_top_k_and_saves_a_figure_headless(checkpoints, f
     several = predict("lenet", flowers / "val", "--weights", checkpoints["lenet"], "--save", grid)
     assert several.returncode == 0, several.stderr[-3000:]
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_title_of_every_figure_lies_inside_it(checkpoints, flowers, tmp_path, monkeypatch):
+    """Each figure the scripts save, drawn as saved: one photo, two, a row and a half, a full
+    grid under its heading, with and without Grad-CAM, --eval's two, and the training curves."""
+    predict_py = load_script("lenet", "predict")
+    figures = []
+    monkeypatch.setattr(predict_py.utils, "save_figure", lambda fig, path: figures.append(fig))
+    photos = [str(p) for p in sorted(flowers.glob("train/*/*.jpg"))]
+    weights = ["--weights", str(checkpoints["lenet"]), "--save", str(tmp_path / "f.png"), "--json"]
+    for n in (1, 2, 7, 26):
+        for cam in ([], ["--cam"]):
+            predict_py.main(predict_py.get_args_parser().parse_args([*photos[:n], *weights, *cam]))
+    evaluation = [str(flowers / "val"), "--eval", *weights[:2], "--save", str(tmp_path / "e")]
+    predict_py.main(predict_py.get_args_parser().parse_args([*evaluation, "--json"]))
+    history = [
+        {"epoch": e, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.1, "val_acc": 0.4}
+        | {"lr": 1e-3, "seconds": 1.0, "img_s": 9.0, "data_wait": 0.1}
+        for e in (1, 2)
+    ]
+    predict_py.utils.log_epoch(history, 2, tmp_path)
+    assert len(figures) == 11
+    for fig in figures:
+        assert not texts_outside(fig), (fig.get_size_inches(), texts_outside(fig))
+
+
+def test_a_missing_checkpoint_names_those_trained_in_the_folder(checkpoints, flowers, tmp_path):
+    copy = tmp_path / "resnet"
+    for name in ("model.py", "train.py", "predict.py", "utils.py"):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_text((REPO / "resnet" / name).read_text())
+    photo = sorted(flowers.glob("val/roses/*"))[0]
+    nothing = run_script(copy / "predict.py", photo)  # no run yet: train one
+    assert (
+        "no checkpoint at " in nothing.stderr
+        and "train one with `python resnet/train.py`" in nothing.stderr
+    )
+    for run in (
+        "resnet18",
+        "mine",
+    ):  # resnet18's, as the quick start trains it; a folder of --output-dir
+        (copy / "runs" / run).mkdir(parents=True)
+        (copy / "runs" / run / "best.pth").write_bytes(checkpoints["resnet"].read_bytes())
+    result = run_script(copy / "predict.py", photo)
+    mine = copy / "runs" / "mine" / "best.pth"
+    expected = f"no checkpoint at {copy / 'runs' / 'resnet34' / 'best.pth'}; trained here: "
+    assert result.stderr.strip().endswith(f"{expected}--weights {mine}, --arch resnet18"), (
+        result.stderr
+    )
+    assert run_script(copy / "predict.py", photo, "--arch", "resnet18").returncode == 0
+
+
+def test_top_k_defaults_to_half_the_classes_and_eval_shows_only_an_informative_one(
+    checkpoints, flowers, tmp_path, capsys
+):
+    predict_py = load_script("lenet", "predict")
+    help_text = " ".join(predict_py.get_args_parser().format_help().split())
+    assert "(default: beside the checkpoint; none with --json)" in help_text  # --save's default
+
+    def first_line(*argv) -> str:
+        weights = ["--weights", checkpoints["lenet"], "--save", tmp_path / "f"]
+        predict_py.main(predict_py.get_args_parser().parse_args(map(str, [*argv, *weights])))
+        return capsys.readouterr().out.splitlines()[0]
+
+    line = first_line(sorted(flowers.glob("val/roses/*"))[0])
+    assert len(line.split(": ", 1)[1].split(", ")) == 2  # 5 classes: the top 2
+    for k, shown in ((None, "top-2 accuracy"), ("4", "top-4 accuracy"), ("5", None), ("1", None)):
+        first = first_line(flowers / "val", "--eval", *(["--topk", k] if k else []))
+        assert (shown in first) if shown else ("top-" not in first), first
 
 
 # --- images as users have them ---------------------------------------------------------------
