@@ -1,4 +1,4 @@
-"""AlexNet, after the table of this project's brief (the two-GPU network of the paper on one GPU).
+"""AlexNet: the paper's two-GPU network on one GPU, its convolutions whole and its classifier halved.
 
 Paper: A. Krizhevsky, I. Sutskever, G. E. Hinton, "ImageNet Classification with Deep
 Convolutional Neural Networks", NeurIPS 2012.
@@ -7,11 +7,13 @@ https://papers.nips.cc/paper/4824-imagenet-classification-with-deep-convolutiona
 Deliberate deviations, each with its reason:
 - conv1 zero-pads its 224 x 224 input by one pixel on the top/left and two on the
   bottom/right, so that (224 + 3 - 11) / 4 + 1 = 55 as in the paper's figure.
-- conv3, conv4 and conv5 use stride 1 and padding 1. The brief's table says "stride 2, pad 0",
-  which cannot work: 13 x 13 maps would shrink to 6, 2 and nothing. That line is a typo.
+- The convolutions have the kernels of both GPUs together (96/256/384/384/256, the paper's
+  Figure 2); conv3, conv4 and conv5 use stride 1 and padding 1, which keeps their 13 x 13 maps
+  as in that figure (with stride 2 and no padding they would shrink to 6, 2 and nothing).
 - No local response normalisation: later work (VGG, section 4.1) found it does not help, and
   it costs time and memory.
-- The fully connected layers have 2048 units instead of 4096, as in the brief's table.
+- The fully connected layers have 2048 units, one GPU's half of the paper's 4096: a quarter
+  of the classifier's weights, for 5 classes and a few thousand photos.
 - An adaptive average pool before the classifier keeps the 6 x 6 map at 224 x 224 (where it
   does nothing) and lets other image sizes through, as torchvision's AlexNet does.
 - Initialisation: kaiming normal for the convolutions and normal(0, 0.01) for the linear
