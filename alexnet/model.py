@@ -1,4 +1,4 @@
-"""AlexNet: the paper's two-GPU network on one GPU, its convolutions whole and its classifier halved.
+"""AlexNet: the paper's two-GPU network on one GPU, its convolutions whole, its classifier halved.
 
 Paper: A. Krizhevsky, I. Sutskever, G. E. Hinton, "ImageNet Classification with Deep
 Convolutional Neural Networks", NeurIPS 2012.

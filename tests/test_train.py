@@ -275,7 +275,7 @@ def test_a_cpu_run_of_over_an_hour_says_so_in_its_first_epoch_with_a_quicker_com
     assert len(notes) == noted  # once, in epoch 1, or never
     if noted:
         assert re.search(
-            r"note: on the CPU this run takes about \d+ h \(\d+ min per epoch", notes[0]
+            r"note: on the CPU this run takes about \d+ (h|min) \(\d+ min per epoch", notes[0]
         )
         kept = " ".join(argv[:12])  # all but --arch and --image-size, which change
         assert notes[0].endswith(
