@@ -190,8 +190,14 @@ def without_aux(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
 
 
-def print_summary(model: nn.Module, image_size: int) -> None:
-    """Print every stage's output shape and parameters, then the totals (d2l's layer summary).
+# The outputs predict.py --feature-maps draws, per architecture: the stem, then the last
+# Inception module at each resolution (28, 14 and 7 pixels at 224).
+STAGES = {"googlenet": ["maxpool2", "inception3b", "inception4e", "inception5b"]}
+
+
+def print_summary(model: nn.Module, image_size: int, stages: list[str]) -> None:
+    """Print every stage's output shape and parameters, then the totals (d2l's layer summary);
+    the row where each of stages ends is marked "<-" with its name.
 
     Containers (nn.Sequential) are opened up; any other module is one row, so a residual or
     Inception block shows as the single stage it is. FLOPs are counted by torch itself.
@@ -218,8 +224,11 @@ def print_summary(model: nn.Module, image_size: int) -> None:
         handle.remove()
 
     print(f"{'layer':<24}{'type':<20}{'output (C x H x W)':<22}{'params':>12}")
-    for name, kind, shape, params in rows:
-        print(f"{name:<24}{kind:<20}{shape:<22}{params:>12,}")
+    # The row where each stage ends: its own, or its container's last (layer1: layer1.2).
+    ends = {max(i for i, r in enumerate(rows) if f"{r[0]}.".startswith(f"{s}.")): s for s in stages}
+    for i, (name, kind, shape, params) in enumerate(rows):
+        mark = f"  <- {ends[i]}" if i in ends else ""
+        print(f"{name:<24}{kind:<20}{shape:<22}{params:>12,}{mark}")
     total = sum(p.numel() for p in model.parameters())
     flops = counter.get_total_flops()
     unit, scale = ("G", 1e9) if flops >= 1e9 else ("M", 1e6)
@@ -231,6 +240,6 @@ def print_summary(model: nn.Module, image_size: int) -> None:
 
 
 if __name__ == "__main__":
-    print_summary(GoogLeNet(aux_logits=False), image_size=224)
+    print_summary(GoogLeNet(aux_logits=False), 224, STAGES["googlenet"])
     with_aux = sum(p.numel() for p in GoogLeNet(aux_logits=True).parameters())
     print(f"parameters with both auxiliary heads (training): {with_aux:,}")

@@ -46,8 +46,13 @@ class LeNet(nn.Module):
         # N x num_classes
 
 
-def print_summary(model: nn.Module, image_size: int) -> None:
-    """Print every stage's output shape and parameters, then the totals (d2l's layer summary).
+# The outputs predict.py --feature-maps draws, per architecture: each convolution.
+STAGES = {"lenet": ["conv1", "conv2"]}
+
+
+def print_summary(model: nn.Module, image_size: int, stages: list[str]) -> None:
+    """Print every stage's output shape and parameters, then the totals (d2l's layer summary);
+    the row where each of stages ends is marked "<-" with its name.
 
     Containers (nn.Sequential) are opened up; any other module is one row, so a residual or
     Inception block shows as the single stage it is. FLOPs are counted by torch itself.
@@ -74,8 +79,11 @@ def print_summary(model: nn.Module, image_size: int) -> None:
         handle.remove()
 
     print(f"{'layer':<24}{'type':<20}{'output (C x H x W)':<22}{'params':>12}")
-    for name, kind, shape, params in rows:
-        print(f"{name:<24}{kind:<20}{shape:<22}{params:>12,}")
+    # The row where each stage ends: its own, or its container's last (layer1: layer1.2).
+    ends = {max(i for i, r in enumerate(rows) if f"{r[0]}.".startswith(f"{s}.")): s for s in stages}
+    for i, (name, kind, shape, params) in enumerate(rows):
+        mark = f"  <- {ends[i]}" if i in ends else ""
+        print(f"{name:<24}{kind:<20}{shape:<22}{params:>12,}{mark}")
     total = sum(p.numel() for p in model.parameters())
     flops = counter.get_total_flops()
     unit, scale = ("G", 1e9) if flops >= 1e9 else ("M", 1e6)
@@ -87,4 +95,4 @@ def print_summary(model: nn.Module, image_size: int) -> None:
 
 
 if __name__ == "__main__":
-    print_summary(LeNet(num_classes=10), image_size=32)
+    print_summary(LeNet(num_classes=10), 32, STAGES["lenet"])

@@ -6,6 +6,7 @@
     $ python resnet/predict.py photo.jpg --arch resnet50   # runs/resnet50/best.pth
     $ python resnet/predict.py photo.jpg --cam             # where the network looks
     $ python resnet/predict.py data/flower_data/val --eval # accuracy, per class, mistakes
+    $ python resnet/predict.py photo.jpg --feature-maps    # filters, and what each stage sees
 
 The checkpoint holds all the network needs; photos go through train.py's validation steps.
 Unreadable files are named on stderr, the rest predicted (exit code 1). See docs/prediction.md.
@@ -16,10 +17,12 @@ import signal
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): stop, without a traceback
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 import argparse
+import contextlib
 import json
 import math
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,10 +30,11 @@ from matplotlib.figure import Figure
 from PIL import ImageOps
 from torch import nn
 from torchvision.datasets import ImageFolder
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import utils
-from model import ARCHS
+from model import ARCHS, STAGES
 from train import val_transform
 from utils import UserError
 
@@ -140,6 +144,42 @@ def draw_predictions(model, checkpoint, draft, device, files, probabilities, pat
             pictures.append(0.5 * crop + 0.5 * colormaps["jet"](heat.numpy())[..., :3])  # <= 1
     shown = f"the first {MAX_GRID} of {len(probabilities)} photos"
     draw(files, titles, path, shown if len(probabilities) > MAX_GRID else "", pictures)
+
+
+def draw_feature_maps(model, checkpoint, draft, device, file: Path, path: Path) -> None:
+    """What the network makes of one photo: the photo as it sees it (the val crop) and its
+    first convolution's filters (scaled together, so that their contrast compares), then for
+    each stage of model.py's STAGES its output shape and the 8 channels that respond most."""
+    transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    x, outputs = transform(utils.open_rgb(file, draft)).unsqueeze(0), {}
+
+    def keep(name: str, module, inputs, output) -> None:  # a stage's output, as it passes
+        outputs[name] = output[0].detach().float().cpu()
+
+    with contextlib.ExitStack() as hooks, torch.no_grad():
+        for n in STAGES[checkpoint["arch"]]:
+            hooks.enter_context(model.get_submodule(n).register_forward_hook(partial(keep, n)))
+        model(x.to(device, memory_format=torch.channels_last))
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).weight.detach().cpu()
+    mean, std = (torch.tensor(checkpoint[key]).view(3, 1, 1) for key in ("mean", "std"))
+    fig = Figure(figsize=(16, 2.6 * (len(outputs) + 1)), layout="constrained")
+    top, *rows = fig.subfigures(len(outputs) + 1, 1)
+    photo, tiles = top.subplots(1, 2)
+    photo.imshow((x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+    photo.set_title(f"{file.name[:40]}, as the network sees it", fontsize=10)
+    tiles.imshow(make_grid(first[:, :3].float(), 16, normalize=True, pad_value=1).permute(1, 2, 0))
+    size = " x ".join(map(str, first.shape[-2:]))
+    tiles.set_title(f"the first convolution's {len(first)} filters, {size}", fontsize=10)
+    for row, (name, out) in zip(rows, outputs.items(), strict=True):
+        shape = " x ".join(map(str, out.shape))
+        row.suptitle(f"{name}: {shape}, the 8 channels that respond most", fontsize=10)
+        strongest = out.mean((1, 2)).topk(min(8, len(out))).indices.tolist()
+        for ax, c in zip(row.subplots(1, 8), strongest, strict=False):
+            ax.imshow(out[c].numpy(), cmap="gray")
+            ax.set_title(f"channel {c}", fontsize=8)
+    for ax in fig.get_axes():
+        ax.axis("off")
+    utils.save_figure(fig, path)
 
 
 def draw(files: list[Path], titles: list[str], path: Path, heading="", pictures=None) -> None:
@@ -266,8 +306,10 @@ def check_save_path(save: Path, folder: bool) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.eval and (len(args.inputs) != 1 or args.cam):
-        raise UserError("--eval takes one folder of class sub-folders, without --cam")
+    if args.eval and (len(args.inputs) != 1 or args.cam or args.feature_maps):
+        raise UserError(
+            "--eval takes one folder of class sub-folders, without --cam or --feature-maps"
+        )
     save = args.save and check_save_path(args.save, folder=args.eval)
     device = utils.pick_device(args.device)
     model, checkpoint, weights = read_checkpoint(args, device)
@@ -283,6 +325,8 @@ def main(args: argparse.Namespace) -> int:
         files, labels, problems = labelled_images(args.inputs[0].expanduser(), classes)
     else:
         files, problems = find_images(args.inputs)
+    if args.feature_maps and (len(files) != 1 or args.cam):
+        raise UserError(f"--feature-maps draws one photo, without --cam: {len(files)} photos given")
     kept, probs, unreadable = predict(model, files, transform, draft, args, device)
     read = [files[i] for i in kept]
     for problem in problems + unreadable:
@@ -293,10 +337,14 @@ def main(args: argparse.Namespace) -> int:
         scores = score(read, labels[kept], probs, classes, k)
         scores["outputs"] = [str(path) for path in write_evaluation(scores, classes, out)]
     report(read, probs, classes, k, scores, args)
-    if read and not args.eval and (save or args.cam or not args.json):
-        name = f"{'cam' if args.cam else 'prediction'}_{read[0].stem}.png"
+    if read and not args.eval and (save or args.cam or args.feature_maps or not args.json):
+        kind = "features" if args.feature_maps else "cam" if args.cam else "prediction"
+        name = f"{kind}_{read[0].stem}.png"
         figure = save / name if save and save.is_dir() else save or weights.parent / name
-        draw_predictions(model, checkpoint, draft, device, read, probs, figure, args.cam)
+        if args.feature_maps:
+            draw_feature_maps(model, checkpoint, draft, device, read[0], figure)
+        else:
+            draw_predictions(model, checkpoint, draft, device, read, probs, figure, args.cam)
         if not args.json:
             print(f"figure saved to {figure}")
     return 1 if problems or unreadable else 0
@@ -308,21 +356,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("inputs", nargs="+", type=Path, metavar="PHOTO_OR_FOLDER", help="photos, folders of photos")
     add("--weights", type=Path, help="a checkpoint of train.py (default: runs/<arch>/best.pth)")
     add_model_args(parser)
-    add(
-        "--topk",
-        type=utils.number(int, 1),
-        help="classes listed per photo, and --eval's top-k "
-        "(default: 5, at most half the classes: 2 of 5)",
-    )
+    add("--topk", type=utils.number(int, 1), help="classes per photo (default: 5, half at most)")
     add("--json", action="store_true", help="print the results as JSON, nothing else")
-    add(
-        "--save",
-        type=Path,
-        metavar="PATH",
-        help="the figure, or --eval's folder (default: beside the checkpoint; none with --json)",
-    )
+    saved = "the figure, or --eval's folder (default: beside the checkpoint; none with --json)"
+    add("--save", type=Path, metavar="PATH", help=saved)
     add("--eval", action="store_true", help="score a folder of class folders: accuracy, mistakes")
     add("--cam", action="store_true", help="draw where the network looks (Grad-CAM)")
+    add("--feature-maps", action="store_true", help="one photo: first filters, each stage's output")
     add("-b", "--batch-size", type=utils.number(int, 1), default=32, help="photos per forward pass")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return parser

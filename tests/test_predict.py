@@ -6,6 +6,7 @@ import io
 import json
 import os
 import struct
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
+from torchvision.utils import make_grid
 
 from conftest import (
     FAMILIES,
@@ -190,6 +192,59 @@ def test_top_k_defaults_to_half_the_classes_and_eval_shows_only_an_informative_o
     for k, shown in ((None, "top-2 accuracy"), ("4", "top-4 accuracy"), ("5", None), ("1", None)):
         first = first_line(flowers / "val", "--eval", *(["--topk", k] if k else []))
         assert (shown in first) if shown else ("top-" not in first), first
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_feature_maps_show_the_checkpoints_filters_and_each_stage_as_model_py_tables_it(
+    family, checkpoints, flowers, tmp_path, monkeypatch, capsys
+):
+    predict_py = load_script(family, "predict")
+    weights = tmp_path / "run" / "best.pth"  # a copy: the figure goes beside it, nothing else
+    weights.parent.mkdir()
+    weights.write_bytes(checkpoints[family].read_bytes())
+    figures, save_figure = [], predict_py.utils.save_figure
+    monkeypatch.setattr(
+        predict_py.utils, "save_figure", lambda f, p: (figures.append(f), save_figure(f, p))
+    )
+    photo = sorted(flowers.glob("val/sunflowers/*"))[0]
+    argv = [str(photo), "--weights", str(weights), "--feature-maps"]
+    assert predict_py.main(predict_py.get_args_parser().parse_args(argv)) == 0
+    assert sorted(p.name for p in weights.parent.iterdir()) == [
+        "best.pth",
+        f"features_{photo.stem}.png",
+    ]
+    (fig,) = figures
+    assert not texts_outside(fig)
+    checkpoint = torch.load(weights, weights_only=True)
+    # The filters: the first convolution's weights (the first 4-d tensor), scaled together.
+    first = next(t for t in checkpoint["model"].values() if t.dim() == 4)
+    tiles = fig.subfigs[0].axes[1].get_images()[0].get_array()
+    expected = make_grid(first[:, :3].float(), 16, normalize=True, pad_value=1).permute(1, 2, 0)
+    assert torch.allclose(torch.as_tensor(tiles), expected)
+    # Each stage's row: its name and shape as `python model.py` prints them at this image size.
+    model_py = sys.modules[f"{family}_model"]  # the model.py predict.py imported
+    network = predict_py.build_model(checkpoint)
+    model_py.print_summary(network, checkpoint["image_size"], model_py.STAGES[checkpoint["arch"]])
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if "  <- " in line]
+    marked = [(row[-1], " ".join(row[2:-3])) for row in table]  # name, "C x H x W"
+    titles = [sub._suptitle.get_text() for sub in fig.subfigs[1:]]
+    assert titles == [
+        f"{name}: {shape}, the 8 channels that respond most" for name, shape in marked
+    ]
+    assert len(marked) == len(model_py.STAGES[checkpoint["arch"]]) >= 2
+
+
+def test_feature_maps_take_one_photo(tiny_run, tiny):
+    predict_py = load_script("lenet", "predict")
+    photos = sorted(tiny.glob("val/a/*"))
+    for argv, match in (
+        ([*photos, "--feature-maps"], "--feature-maps draws one photo, without --cam: 2 photos"),
+        ([photos[0], "--feature-maps", "--cam"], "--feature-maps draws one photo, without --cam"),
+        ([tiny / "val", "--eval", "--feature-maps"], "--eval takes one folder .* --feature-maps"),
+    ):
+        with pytest.raises(predict_py.UserError, match=match):
+            args = [*map(str, argv), "--weights", str(tiny_run), "--json"]
+            predict_py.main(predict_py.get_args_parser().parse_args(args))
 
 
 # --- images as users have them ---------------------------------------------------------------

@@ -135,8 +135,22 @@ ARCHS = {
 }
 
 
-def print_summary(model: nn.Module, image_size: int) -> None:
-    """Print every stage's output shape and parameters, then the totals (d2l's layer summary).
+def block_ends(config: list[int | str], batch_norm: bool) -> list[str]:
+    """The names of the max pools that end the blocks in make_features' Sequential."""
+    names, index = [], 0
+    for v in config:  # a convolution is 2 modules (3 with batch norm), a max pool 1
+        index += 1 if v == "M" else 3 if batch_norm else 2
+        names += [f"features.{index - 1}"] if v == "M" else []
+    return names
+
+
+# The outputs predict.py --feature-maps draws, per architecture: the end of each of the blocks.
+STAGES = {a: block_ends(CONFIGS[a.removesuffix("_bn")], a.endswith("_bn")) for a in ARCHS}
+
+
+def print_summary(model: nn.Module, image_size: int, stages: list[str]) -> None:
+    """Print every stage's output shape and parameters, then the totals (d2l's layer summary);
+    the row where each of stages ends is marked "<-" with its name.
 
     Containers (nn.Sequential) are opened up; any other module is one row, so a residual or
     Inception block shows as the single stage it is. FLOPs are counted by torch itself.
@@ -163,8 +177,11 @@ def print_summary(model: nn.Module, image_size: int) -> None:
         handle.remove()
 
     print(f"{'layer':<24}{'type':<20}{'output (C x H x W)':<22}{'params':>12}")
-    for name, kind, shape, params in rows:
-        print(f"{name:<24}{kind:<20}{shape:<22}{params:>12,}")
+    # The row where each stage ends: its own, or its container's last (layer1: layer1.2).
+    ends = {max(i for i, r in enumerate(rows) if f"{r[0]}.".startswith(f"{s}.")): s for s in stages}
+    for i, (name, kind, shape, params) in enumerate(rows):
+        mark = f"  <- {ends[i]}" if i in ends else ""
+        print(f"{name:<24}{kind:<20}{shape:<22}{params:>12,}{mark}")
     total = sum(p.numel() for p in model.parameters())
     flops = counter.get_total_flops()
     unit, scale = ("G", 1e9) if flops >= 1e9 else ("M", 1e6)
@@ -179,4 +196,4 @@ if __name__ == "__main__":
     arch = sys.argv[1] if len(sys.argv) > 1 else "vgg16"
     if arch not in ARCHS:
         sys.exit(f"model.py: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    print_summary(ARCHS[arch](), image_size=224)
+    print_summary(ARCHS[arch](), 224, STAGES[arch])
