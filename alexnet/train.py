@@ -36,7 +36,7 @@ FAMILY = "alexnet"
 DEFAULTS = {"arch": "alexnet", "batch_size": 64, "lr": 3e-4, "image_size": 224}
 # ImageNet's mean and std: what torchvision's pretrained weights expect, and fine from scratch.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# A first run that takes minutes on a CPU, which train.py suggests when the defaults take hours.
+# A first run of minutes on a CPU: train.py suggests it when a run would take over 15 minutes.
 QUICKER = {"--image-size": "64"}
 
 

@@ -457,7 +457,7 @@ class EpochMeter:
     """The bookkeeping of a training epoch, apart from its lesson: the progress bar, the time
     spent waiting for the data loader, the running sums of loss and accuracy (kept on the
     device: each read waits for a GPU), the GPU's peak memory, and on the CPU one note when the
-    run ahead will take over an hour."""
+    run ahead is long."""
 
     def __init__(self, epoch: int, epochs: int, batches: int, run: Run, quicker: dict) -> None:
         self.epoch, self.epochs, self.batches, self.run = epoch, epochs, batches, run
@@ -488,21 +488,18 @@ class EpochMeter:
         self.sums[2] += (logits.argmax(1) == targets).sum()
 
     def note_a_long_run(self, batch: int) -> None:
-        """On the CPU, from the first batches of epoch 1 (10 s or 4 batches): is the run ahead
-        longer than a quarter of an hour (VGG16 on the 135 sample photos: 24 min on 2 cores of
-        an AVX-512 BF16 CPU, 75 without bf16; each command of the quick start: under 30 s)?"""
+        """On the CPU, once, from the first batches (10 s or 4): will the run take over 15 min?
+        (VGG16 on the sample: 24 min on 2 cores with bf16; each quick-start command: < 30 s)"""
         elapsed = time.perf_counter() - self.start
-        if not self.note_due or not (elapsed >= 10 or batch == 4):
-            return
-        self.note_due = False
-        minutes = elapsed / batch * self.batches * self.epochs / 60
-        if minutes > 15 and self.run.is_main:
+        if self.note_due and (elapsed >= 10 or batch == 4):
+            self.note_due, minutes = False, elapsed / batch * self.batches * self.epochs / 60
             total = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.0f} h"
-            per_epoch = f"{minutes / self.epochs:.0f} min per epoch"
-            tqdm.write(
-                f"note: on the CPU this run takes about {total} ({per_epoch}, from its first "
-                f"batches); a quicker first run: {command_with(self.quicker)}"
-            )
+            if minutes > 15 and self.run.is_main:
+                per_epoch = f"{minutes / self.epochs:.0f} min per epoch, from its first batches"
+                quicker = f"a quicker first run: {command_with(self.quicker)}"
+                tqdm.write(
+                    f"note: on the CPU this run takes about {total} ({per_epoch}); {quicker}"
+                )
 
     def row(self, lr: float) -> dict:
         """The epoch's loss, accuracy and speed, summed over every process."""

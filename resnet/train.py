@@ -38,7 +38,7 @@ FAMILY = "resnet"
 DEFAULTS = {"arch": "resnet34", "batch_size": 32, "lr": 1e-3, "image_size": 224}
 # ImageNet's mean and std: what torchvision's pretrained weights expect, and fine from scratch.
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-# A first run that takes minutes on a CPU, which train.py suggests when the defaults take hours.
+# A first run of minutes on a CPU: train.py suggests it when a run would take over 15 minutes.
 QUICKER = {"--arch": "resnet18", "--image-size": "64"}
 
 
