@@ -489,7 +489,7 @@ class EpochMeter:
 
     def note_a_long_run(self, batch: int) -> None:
         """On the CPU, once, from the first batches (10 s or 4): will the run take over 15 min?
-        (VGG16 on the sample: 24 min on 2 cores with bf16; each quick-start command: < 30 s)"""
+        (VGG16 on the sample: about 25 min on 2 cores with bf16; a quick-start command: < 30 s)"""
         elapsed = time.perf_counter() - self.start
         if self.note_due and (elapsed >= 10 or batch == 4):
             self.note_due, minutes = False, elapsed / batch * self.batches * self.epochs / 60
@@ -635,6 +635,9 @@ def number(kind: type, low: float, high: float = math.inf, low_in=True, high_in=
     return parse
 
 
+SHORT = {"--batch-size": ("-b",), "--workers": ("-j",)}  # the short names of train.py's flags
+
+
 def command_with(changes: dict[str, str]) -> str:
     """This run's command line with the flags in changes set to their values: a flag given
     already (as --flag VALUE, --flag=VALUE, or -b for --batch-size) loses its old value."""
@@ -650,9 +653,6 @@ def command_with(changes: dict[str, str]) -> str:
             kept.append(part)
     changed = [part for flag, value in changes.items() for part in (flag, value)]
     return shlex.join([*launcher, sys.argv[0], *kept, *changed])
-
-
-SHORT = {"--batch-size": ("-b",), "--workers": ("-j",)}  # the short names of train.py's flags
 
 
 def exit_interrupted(message: str = "") -> NoReturn:

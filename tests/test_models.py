@@ -79,6 +79,23 @@ def test_torchvision_state_dict_loads_strictly_and_gives_the_same_logits(module,
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def test_every_architecture_names_stages_that_it_has():
+    """STAGES, which predict.py --feature-maps draws, names modules of every --arch (for VGG
+    the five max pools that end its blocks, which move with batch norm and depth)."""
+    builders = {"lenet": {"lenet": lenet.LeNet}, "alexnet": {"alexnet": alexnet.AlexNet}}
+    builders |= {"googlenet": {"googlenet": googlenet.GoogLeNet}}
+    for module in (lenet, alexnet, googlenet, vgg, resnet):
+        archs = getattr(module, "ARCHS", None) or builders[module.__name__.split("_")[0]]
+        assert set(module.STAGES) == set(archs)
+        for arch, build in archs.items():
+            with torch.device("meta"):  # no memory, no time: only the modules' names
+                model = build()
+            names = module.STAGES[arch]
+            assert len(names) >= 2 and all(model.get_submodule(n) for n in names), arch
+            if module is vgg:
+                assert [type(model.get_submodule(n)) for n in names] == [nn.MaxPool2d] * 5
+
+
 def test_resnet_include_top_false_returns_the_feature_map():
     model = resnet.resnet50(include_top=False).eval()
     with torch.no_grad():
