@@ -306,6 +306,15 @@ def check_save_path(save: Path, folder: bool) -> Path:
     return save.with_suffix(".png") if not (folder or save.is_dir() or save.suffix) else save
 
 
+def output_path(args: argparse.Namespace, save: Path | None, weights: Path, files: list[Path]):
+    """What this run writes: --eval's folder, or the figure, named after the first photo."""
+    if args.eval:
+        return save or weights.parent / f"eval_{args.inputs[0].expanduser().resolve().name}"
+    kind = "features" if args.feature_maps else "cam" if args.cam else "prediction"
+    name = f"{kind}_{files[0].stem if files else ''}.png"
+    return save / name if save and save.is_dir() else save or weights.parent / name
+
+
 def main(args: argparse.Namespace) -> int:
     if args.eval and (len(args.inputs) != 1 or args.cam or args.feature_maps):
         raise UserError(
@@ -314,10 +323,6 @@ def main(args: argparse.Namespace) -> int:
     save = args.save and check_save_path(args.save, folder=args.eval)
     device = utils.pick_device(args.device)
     model, checkpoint, weights = read_checkpoint(args, device)
-    default = f"eval_{args.inputs[0].expanduser().resolve().name}" if args.eval else ""
-    out = save or weights.parent / default  # what this run writes, apart from what it reads:
-    written = out / "figure.png" if out.is_dir() and not args.eval else out
-    utils.check_apart(written, "--save" if save else "the default output", [*args.inputs, weights])
     classes = checkpoint["classes"]
     transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     draft = 2 * round(checkpoint["image_size"] / 0.875)  # as train.py decodes its val photos
@@ -328,6 +333,8 @@ def main(args: argparse.Namespace) -> int:
         files, problems = find_images(args.inputs)
     if args.feature_maps and (len(files) != 1 or args.cam):
         raise UserError(f"--feature-maps draws one photo, without --cam: {len(files)} photos given")
+    out = output_path(args, save, weights, files)  # what this run writes, apart from what it reads
+    utils.check_apart(out, "--save" if save else "the default output", [*args.inputs, weights])
     kept, probs, unreadable = predict(model, files, transform, draft, args, device)
     read = [files[i] for i in kept]
     for problem in problems + unreadable:
@@ -339,15 +346,12 @@ def main(args: argparse.Namespace) -> int:
         scores["outputs"] = [str(path) for path in write_evaluation(scores, classes, out)]
     report(read, probs, classes, k, scores, args)
     if read and not args.eval and (save or args.cam or args.feature_maps or not args.json):
-        kind = "features" if args.feature_maps else "cam" if args.cam else "prediction"
-        name = f"{kind}_{read[0].stem}.png"
-        figure = save / name if save and save.is_dir() else save or weights.parent / name
         if args.feature_maps:
-            draw_feature_maps(model, checkpoint, draft, device, read[0], figure)
+            draw_feature_maps(model, checkpoint, draft, device, read[0], out)
         else:
-            draw_predictions(model, checkpoint, draft, device, read, probs, figure, args.cam)
+            draw_predictions(model, checkpoint, draft, device, read, probs, out, args.cam)
         if not args.json:
-            print(f"figure saved to {figure}")
+            print(f"figure saved to {out}")
     return 1 if problems or unreadable else 0
 
 

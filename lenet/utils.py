@@ -444,6 +444,9 @@ def prepare_output_dir(output_dir: Path) -> None:
             lock.unlink()  # left by a run that was killed
         with open(lock, "x") as f:  # exclusive: of two runs starting together, one gets it
             f.write(str(os.getpid()))
+        for tmp in output_dir.glob(".*.*.tmp"):  # write_file's, left by killed processes
+            if not running(tmp.name.split(".")[-2]):
+                tmp.unlink(missing_ok=True)
     except OSError as e:
         if isinstance(e, FileExistsError) and lock.is_file():  # another run holds the folder
             holder = f"another run (process {lock.read_text()[:10]}) writes to {output_dir}"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_failures import assert_one_line_error, run, small_disk
 
 from conftest import LENET, REPO, jpeg_bytes, load_module, load_script, make_image_folder
@@ -89,6 +90,24 @@ def test_predict_refuses_to_write_on_or_into_what_it_reads(split, tiny_run, tmp_
     with pytest.raises(predict_py.UserError, match="--save .* is inside .*test"):
         call(predict_py, link, "--eval", "--weights", tiny_run, "--save", split / "test" / "out")
     assert not (split / "test" / "out").exists()
+
+
+def test_the_figure_is_checked_under_the_name_it_is_written_as(tiny_run, tmp_path):
+    """The figure is named after the first photo (prediction_a.png, cam_a.png): a photo of that
+    name among the inputs, beside the checkpoint or in --save's folder, is refused, unchanged."""
+    predict_py = load_script("lenet", "predict")
+    ck, first = tmp_path / "ck", tmp_path / "a.jpg"
+    ck.mkdir()
+    (ck / "best.pth").write_bytes(tiny_run.read_bytes())
+    first.write_bytes(jpeg_bytes(1, size=(64, 64)))
+    for kind, flags in (("prediction", []), ("cam", ["--cam"]), ("prediction", ["--save", ck])):
+        photo = ck / f"{kind}_a.png"
+        Image.new("RGB", (40, 40), (9, 99, 199)).save(photo)
+        before = photo.read_bytes()
+        with pytest.raises(predict_py.UserError, match=f"{photo} would overwrite {photo}"):
+            call(predict_py, first, photo, "--weights", ck / "best.pth", *flags)
+        assert photo.read_bytes() == before
+        photo.unlink()
 
 
 def test_train_refuses_an_output_dir_on_its_data(split, tmp_path):
@@ -247,6 +266,8 @@ def test_split_data_cases_found_by_the_probe(tmp_path, capsys, monkeypatch):
 
 # --- train.py owns its output folder ---------------------------------------------------------
 
+TEXT, SLEEP = {"capture_output": True, "text": True}, "import time; time.sleep(60)"
+
 
 def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_runs_lock_taken(tiny, tmp_path):
     train_py = load_script("lenet", "train")
@@ -269,6 +290,25 @@ def test_a_second_run_into_the_same_folder_is_refused_and_a_killed_runs_lock_tak
     call(train_py, "--data-path", tiny, "--output-dir", out, *LENET)  # killed: its lock is stale
     assert (out / "last.pth").is_file()
     assert (out / ".lock").read_text() == str(os.getpid())  # held until this process exits
+
+
+def test_a_run_removes_the_temporaries_of_killed_processes_and_keeps_a_live_ones(tmp_path):
+    """kill -9 while a checkpoint is written leaves .last.pth.PID.tmp (310 MB after 6 kills of
+    AlexNet): the next run into the folder removes those of processes that no longer run."""
+    utils = load_script("lenet", "utils")
+    out = tmp_path / "run"
+    out.mkdir()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **TEXT)
+    dead, sleeper = ended.stdout.strip(), subprocess.Popen([sys.executable, "-c", SLEEP])
+    kept = [f".prediction_a.png.{sleeper.pid}.tmp", ".notes.tmp"]  # a live one; not ours
+    try:
+        for name in (f".last.pth.{dead}.tmp", f".best.pth.{dead}.tmp", *kept):
+            (out / name).write_bytes(b"x")
+        utils.prepare_output_dir(out)
+        assert sorted(p.name for p in out.iterdir()) == sorted([".lock", *kept])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_two_runs_started_together_one_wins_and_the_files_are_its(tiny, tmp_path):
