@@ -322,7 +322,7 @@ def main(args: argparse.Namespace) -> None:
     train_set, val_set, classes = load_datasets(args, run, workers)
     sampler, train_loader, val_loader = build_loaders(train_set, val_set, args, run, workers)
     model = build_model(args, len(classes)).to(run.device, memory_format=torch.channels_last)
-    utils.check_image_size(model, args.image_size, args.arch, run.device)
+    utils.check_image_size(model, args.image_size, args.arch, run.device, args.batch_size)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     if run.is_main:
         images = f"{len(train_set)} train / {len(val_set)} val images, {len(classes)} classes"

@@ -191,14 +191,17 @@ def pick_amp(name: str, device: torch.device) -> tuple[torch.dtype | None, str]:
     return None, f"off: no fast half precision on {device.type} here"
 
 
-def check_image_size(model: nn.Module, image_size: int, arch: str, device: torch.device) -> None:
-    """Fail early, in one line, when --image-size does not fit the network."""
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+def check_image_size(model: nn.Module, image_size: int, arch: str, device, batch_size=2) -> None:
+    """Fail early, in one line, when --image-size (or a batch of one) does not fit the network."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if batch_size < 2 and any(m.weight is None or m.weight.requires_grad for m in bns):
+        problem = f"{arch}'s batch norm needs 2 or more images per batch (frozen layers aside)"
+        raise UserError(f"--batch-size {batch_size}: {problem}; pass -b 2 or more")
     try:
         probe = torch.zeros(2, 3, image_size, image_size, device=device)
         with torch.no_grad():
             model.eval()(probe)
-            if not has_bn:  # train mode runs extra heads (GoogLeNet's); BN statistics must not move
+            if not bns:  # train mode runs extra heads (GoogLeNet's); BN statistics must not move
                 model.train()(probe)
     except RuntimeError as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":

@@ -522,6 +522,18 @@ def test_resume_from_another_model_or_dataset_is_refused(tiny, tiny_run, tmp_pat
     refused("lenet", *argv, "--epochs", "2", "--workers", "0", match="for the classes")
 
 
+def test_a_batch_of_one_is_refused_where_batch_norm_trains(tiny, tmp_path):
+    """resnet18 at 32 pixels, -b 1: "Expected more than 1 value per channel" was a traceback."""
+    argv = ["--data-path", tiny, "--output-dir", tmp_path / "r", "--epochs", "1", "-b", "1"]
+    argv += ["--workers", "0", "--dry-run", "--arch", "resnet18", "--image-size", "32"]
+    refused("resnet", *argv, match="--batch-size 1: resnet18's batch norm needs 2 or more images")
+    lenet = ["--data-path", tiny, "--output-dir", tmp_path / "l", "--epochs", "1", "-b", "1"]
+    train_py = load_script("lenet", "train")  # no batch norm: a batch of one trains
+    train_py.main(
+        train_py.get_args_parser().parse_args(map(str, [*lenet, "--workers", "0", "--dry-run"]))
+    )
+
+
 def test_a_finished_run_is_not_overwritten(tiny, tiny_run, tmp_path):
     before = tiny_run.read_bytes()
     argv = ["--data-path", tiny, "--epochs", "1", "--output-dir", tiny_run.parent]
