@@ -326,14 +326,13 @@ def main(args: argparse.Namespace) -> int:
     transform = val_transform(checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     draft = 2 * round(checkpoint["image_size"] / 0.875)  # as train.py decodes its val photos
     k, scores = min(args.topk or max(1, min(5, len(classes) // 2)), len(classes)), None
-    if args.eval:
-        files, labels, problems = labelled_images(args.inputs[0].expanduser(), classes)
-    else:
-        files, problems = find_images(args.inputs)
+    files, problems = ([], []) if args.eval else find_images(args.inputs)
     if args.feature_maps and (len(files) != 1 or args.cam):
         raise UserError(f"--feature-maps draws one photo, without --cam: {len(files)} photos given")
     out = output_path(args, save, weights, files)  # what this run writes, apart from what it reads
     utils.check_apart(out, "--save" if save else "the default output", [*args.inputs, weights])
+    if args.eval:
+        files, labels, problems = labelled_images(args.inputs[0].expanduser(), classes)
     kept, probs, unreadable = predict(model, files, transform, draft, args, device)
     read = [files[i] for i in kept]
     for problem in problems + unreadable:
