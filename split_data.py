@@ -22,12 +22,12 @@ if __name__ == "__main__":  # Ctrl-C while the modules load: stop, without a tra
 import argparse
 import contextlib
 import errno
-import glob
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
 import stat
 import sys
@@ -54,6 +54,8 @@ SAMPLE_DIR = DATA_DIR / "flower_sample"  # 30 photos per class of flower_photos,
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
 MANIFEST = "split.json"
+JOURNAL = "swap.json"  # in the temporary folder while the split is swapped in: what went where
+MAX_ASPECT = 100  # longer side / shorter side, as the train scripts' utils.MAX_ASPECT
 SUBSETS = ("train", "val", "test")
 
 
@@ -146,7 +148,8 @@ def extract(archive: Path, dest: Path) -> None:
                 for info in infos:  # (__MACOSX/: the resource forks a Mac adds to a zip)
                     check_member_name(archive, info.filename)
                     mode = info.external_attr >> 16
-                    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    kind = stat.S_IFMT(mode)  # 0: no type bits (zipfile.writestr): a file
+                    if kind and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                         raise SplitError(
                             f"{archive}: refusing {info.filename!r}, a link or special file"
                         )
@@ -187,15 +190,31 @@ def find_dataset_root(folder: Path) -> Path:
             return folder
 
 
-def list_classes(root: Path) -> dict[str, list[Path]]:
-    """Map each class folder under root to its candidate files, sorted by relative path."""
-    classes = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        if class_dir.name.startswith("."):
-            continue
-        files = [p for p in class_dir.rglob("*") if p.is_file() and not is_hidden(p, class_dir)]
+def list_classes(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """Map each class folder under root to its files, sorted by relative path, found as the
+    train scripts find photos (utils.find_photos: hidden files and folders skipped, a link to a
+    folder not followed); what cannot be a photo there is named, with why."""
+    classes, skipped = {}, []
+
+    def skip(path: str, why: str) -> None:
+        skipped.append(f"{Path(path).relative_to(root).as_posix()}: {why}")
+
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] != "."):
+        files = []
+        walk = os.walk(class_dir, onerror=lambda e: skip(e.filename, f"{e.strerror}, not read"))
+        for parent, dirs, names in walk:
+            for d in [d for d in dirs if os.path.islink(os.path.join(parent, d))]:
+                skip(os.path.join(parent, d), "a link to a folder, not followed")
+            dirs[:] = [
+                d for d in dirs if d[0] != "." and not os.path.islink(os.path.join(parent, d))
+            ]
+            for path in (Path(parent, name) for name in names if name[0] != "."):
+                if path.is_file():
+                    files.append(path)
+                else:
+                    skip(path, "not a file (a dangling link, a FIFO?)")
         classes[class_dir.name] = sorted(files, key=lambda p: p.relative_to(class_dir).as_posix())
-    return classes
+    return classes, skipped
 
 
 def image_problem(path: Path) -> str | None:
@@ -204,6 +223,8 @@ def image_problem(path: Path) -> str | None:
         return "not an image type the train scripts read"
     try:
         with Image.open(path) as img:
+            if max(img.size) > MAX_ASPECT * min(img.size):
+                return f"{img.width} x {img.height} pixels: too thin to be a photo"
             img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale, still reads every byte
             img.load()
     except Image.DecompressionBombError:
@@ -291,6 +312,7 @@ def write_split(root, classes, out, ratios, seed, link, manifest) -> None:
             for subset, chosen in split_class(name, files, ratios, seed).items():
                 for src in chosen:
                     place(src, tmp / subset / name / src.relative_to(root / name), link)
+        manifest["files_sha256"] = files_digest(tmp)  # what re-splitting checks is unchanged
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = tmp / "previous"
         old.mkdir()
@@ -304,23 +326,38 @@ def write_split(root, classes, out, ratios, seed, link, manifest) -> None:
 
 
 def swap_in(tmp: Path, old: Path, out: Path) -> None:
-    """Move out's split into old and tmp's into out; on any failure put out back as it was."""
-    swapped = []  # (entry, whether out had one)
+    """Move out's split into old and tmp's into out. The journal written first says which
+    entries each had, so that a failure here, or a kill (the next run finds the journal),
+    puts out back as it was at whatever step the swap stopped: see roll_back."""
+    entries = (*SUBSETS, MANIFEST)  # a test/ the new split lacks goes too
+    had = [entry for entry in entries if os.path.lexists(out / entry)]
+    new = [entry for entry in entries if (tmp / entry).exists()]
+    (tmp / JOURNAL).write_text(json.dumps({"had": had, "new": new}))
     try:
-        for entry in (*SUBSETS, MANIFEST):  # a test/ the new split lacks goes too
-            had = (out / entry).exists()
-            if had:
+        for entry in entries:
+            if entry in had:
                 (out / entry).replace(old / entry)
-            swapped.append((entry, had))
-            if (tmp / entry).exists():
+            if entry in new:
                 (tmp / entry).replace(out / entry)
     except BaseException:
-        for entry, had in reversed(swapped):  # put the previous split back as it was
-            if (out / entry).exists() and not (tmp / entry).exists():
-                (out / entry).replace(tmp / entry)
-            if had:
-                (old / entry).replace(out / entry)
+        roll_back(tmp, out)
         raise
+    (tmp / JOURNAL).unlink()  # done: from here tmp holds only the previous split, to delete
+
+
+def roll_back(tmp: Path, out: Path) -> None:
+    """Undo the swap the journal in tmp describes: an entry of the new split that was moved
+    into out goes back to tmp, an entry of the previous split moved to tmp/previous returns."""
+    try:
+        journal = json.loads((tmp / JOURNAL).read_text())
+    except (OSError, ValueError):  # none, or cut short while written: nothing was moved yet
+        return
+    for entry in (*SUBSETS, MANIFEST):
+        if entry in journal["new"] and not os.path.lexists(tmp / entry):
+            (out / entry).replace(tmp / entry)
+        if entry in journal["had"] and os.path.lexists(tmp / "previous" / entry):
+            (tmp / "previous" / entry).replace(out / entry)
+    (tmp / JOURNAL).unlink()
 
 
 @contextlib.contextmanager
@@ -338,10 +375,12 @@ def ctrl_c_held(out: Path):
 
 def own_split(out: Path) -> bool:
     """Whether out's train/, val/ (test/) are the split its split.json describes: the digest
-    of their file names is the manifest's (a file added, removed or renamed: not ours)."""
+    of their file names is the manifest's, and that of every file's name and bytes (hidden
+    files included) too, where the manifest has one: an edit, crop or added file is not ours."""
     try:
-        digest = json.loads((out / MANIFEST).read_text())["split_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((out / MANIFEST).read_text())
+        digest, content = manifest["split_sha256"], manifest.get("files_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     entries = []
     for subset in SUBSETS:
@@ -349,7 +388,20 @@ def own_split(out: Path) -> bool:
         for p in (p for p in files if p.is_file() and not is_hidden(p, out / subset)):
             name, *rest = p.relative_to(out / subset).parts
             entries.append((name, subset, PurePosixPath(*rest)))
-    return split_digest(entries) == digest
+    return split_digest(entries) == digest and content in (None, files_digest(out))
+
+
+def files_digest(folder: Path) -> str | None:
+    """sha256 of the names and bytes of everything in folder's train/, val/ (test/), hidden
+    files included; None if something there is neither a file nor a folder (a link)."""
+    h = hashlib.sha256()
+    for subset in SUBSETS:
+        for p in sorted((folder / subset).rglob("*")):
+            name = p.relative_to(folder).as_posix()
+            if p.is_symlink() or not (p.is_file() or p.is_dir()):
+                return None
+            h.update(f"{name}/\n".encode() if p.is_dir() else f"{name} {file_sha256(p)}\n".encode())
+    return h.hexdigest()
 
 
 def split_digest(entries) -> str:
@@ -362,17 +414,24 @@ def split_digest(entries) -> str:
 
 def remove_leftovers(out: Path) -> None:
     """Delete the temporary folders that an earlier run into out left behind (killed, or
-    interrupted while cleaning up); those of a run still going on stay."""
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}-*-*"):
-        kind, _, rest = tmp.name[len(out.name) + 2 :].partition("-")
-        pid = rest.partition("-")[0]
-        if kind in ("split", "extract") and tmp.is_dir() and not (pid.isdigit() and running(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    interrupted while cleaning up), after putting back a split its kill left half swapped;
+    those of a run still going on stay, and so do those of any other --out (`X-split`)."""
+    own = re.compile(rf"\.{re.escape(out.name)}-(?:(?:split|extract)-(\d+)-[^-]+|split-\w{{8}})")
+    for tmp in out.parent.iterdir():
+        match = own.fullmatch(tmp.name)
+        if not match or not tmp.is_dir() or match[1] and running(match[1]):
+            continue
+        if (tmp / JOURNAL).exists():
+            roll_back(tmp, out)
+            print(f"note: put back the split in {out} that a killed run was replacing")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def running(pid: str) -> bool:
     """Whether another process pid runs (where that cannot be told, as on Windows: True)."""
     try:
+        if int(pid) <= 0:  # os.kill would signal a process group
+            return False
         os.kill(int(pid), 0) if os.name == "posix" else None  # signal 0: only a check
         return int(pid) != os.getpid()
     except ProcessLookupError:  # no such process
@@ -411,12 +470,13 @@ def build_manifest(root, classes, ratios, seed, source, skipped) -> dict:
 
 def split(source: Path, out: Path, ratios: dict, seed: int, link: bool, label: str) -> None:
     root = find_dataset_root(source)
-    classes = list_classes(root)
+    classes, unlisted = list_classes(root)
     if not classes:
         raise SplitError(f"{label} holds no class folders; expected one sub-folder of images each")
     if (root / MANIFEST).is_file() or {"train", "val"} <= set(classes):
         raise SplitError(f"{label} is a split (train/, val/): pass the photos it was made from")
     classes, skipped = check_images(classes, root)
+    skipped = unlisted + skipped
     if skipped:
         print(f"warning: skipped {len(skipped)} file(s) that are not usable images:")
         for line in skipped:
@@ -548,21 +608,50 @@ def prepare_out(out: Path, source: Path | None) -> None:
         if source.is_relative_to(entry):
             part = f"part of {entry}, which the split replaces"
             raise SplitError(f"--source {source} is {part}: pass the photos it was made from")
-    above = out
-    while not above.exists():
-        above = above.parent
-    if not above.is_dir():
-        where = "is a file" if above == out else f"cannot be created: {above} is a file"
-        raise SplitError(f"--out {out} {where}; choose a folder")
+    for folder in (out, out.parent):  # out takes the split, its parent the temporary folder
+        above = folder
+        while not above.exists():
+            above = above.parent
+        if not above.is_dir():
+            where = "is a file" if above == out else f"cannot be created: {above} is a file"
+            raise SplitError(f"--out {out} {where}; choose a folder")
+        try:
+            with tempfile.TemporaryFile(dir=above):
+                pass
+        except OSError as e:
+            what = "cannot be written" if out.exists() else "cannot be created"
+            raise SplitError(
+                f"--out {out} {what} ({e.strerror or e}: {above}); choose a folder you can write"
+            ) from e
+
+
+@contextlib.contextmanager
+def holding(out: Path):
+    """Make out's parent if need be and hold out for this run: a second split_data.py into it
+    is refused while this one runs. A failed run removes the empty folders it made."""
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.split-lock"
+    if lock.is_file() and not running(lock.read_text().strip() or "0"):
+        lock.unlink()  # left by a run that was killed
     try:
-        with tempfile.TemporaryFile(dir=above):
-            pass
-    except OSError as e:
+        with open(lock, "x") as f:
+            f.write(str(os.getpid()))
+    except FileExistsError:
         raise SplitError(
-            f"--out {out} cannot be created ({e.strerror or e}); choose a folder you can write"
-        ) from e
-    if out.parent.is_dir():
+            f"another split_data.py (process {lock.read_text().strip()[:10]}) writes to {out}; "
+            f"wait for it, or delete {lock} if none runs"
+        ) from None
+    try:
         remove_leftovers(out)
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -578,7 +667,8 @@ def main(args: argparse.Namespace) -> None:
     if args.source is None:
         source = fetch_default(args.url, args.sha256.lower())
         prepare_out(out, None)
-        split(source, out, ratios, args.seed, args.link, args.url)
+        with holding(out):
+            split(source, out, ratios, args.seed, args.link, args.url)
         return
     source = args.source.expanduser().resolve()
     if not source.exists():
@@ -588,16 +678,17 @@ def main(args: argparse.Namespace) -> None:
             f"--source {args.source} is neither a folder nor a .tgz/.tar.gz/.tar/.zip archive"
         )
     prepare_out(out, source)
-    if source.is_dir():
-        split(source, out, ratios, args.seed, args.link, source)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-{os.getpid()}-", dir=out.parent))
-    try:
-        print(f"extracting {source}")
-        extract(source, tmp)
-        split(tmp, out, ratios, args.seed, args.link, source)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with holding(out):
+        if source.is_dir():
+            split(source, out, ratios, args.seed, args.link, source)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-extract-{os.getpid()}-", dir=out.parent))
+        try:
+            print(f"extracting {source}")
+            extract(source, tmp)
+            split(tmp, out, ratios, args.seed, args.link, source)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def exit_interrupted(message: str = "") -> NoReturn:

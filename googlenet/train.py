@@ -91,6 +91,7 @@ def load_datasets(args: argparse.Namespace, run: Run, workers: int):
     if train_set.classes != val_set.classes or len(train_set.classes) < 2:
         found = f"{train_set.classes} vs {val_set.classes}"
         raise UserError(f"{root}: train/ and val/ need the same two or more classes ({found})")
+    utils.check_split(root, train_set, val_set)
     cached = utils.cache(train_set, val_set, args.cache, args.image_size, workers, run)
     return *cached, train_set.classes
 
@@ -236,13 +237,18 @@ def prepare_outputs(args: argparse.Namespace, run: Run):
             raise UserError(f"{output_dir} holds last.pth {what} with --output-dir DIR")
         return args, output_dir, None
     path = output_dir / "last.pth" if args.resume == "last" else Path(args.resume)
-    checkpoint = utils.load_checkpoint(path.expanduser().resolve(), FAMILY)
-    if "optimizer" not in checkpoint:
-        raise UserError(f"{path} holds no training state (resume from last.pth)")
+    checkpoint = utils.load_checkpoint(path.expanduser(), FAMILY)
+    names = ["lr", "weight_decay", "label_smoothing", "augment", "crop_scale", "image_size", "seed"]
+    kinds = {"optimizer": dict, "scheduler": dict, "scaler": dict, "args": dict, "history": list}
+    recipe, history = checkpoint.get("args"), checkpoint.get("history")
+    state = [type(checkpoint.get(key)) is kind for key, kind in kinds.items()]
+    if not all(state) or not {*names, "batch_size", "accum_steps"} <= set(recipe):
+        raise UserError(f"{path} holds no training state of train.py (resume from a last.pth)")
+    if checkpoint.get("epoch") != len(history) or not all(type(r) is dict for r in history):
+        raise UserError(f"{path}: its epoch and history disagree; resume from a last.pth")
     if args.epochs <= checkpoint["epoch"]:
         raise UserError(f"{path} already trained {checkpoint['epoch']} epochs: pass more --epochs")
-    recipe, parser = checkpoint["args"], get_args_parser()
-    names = ["lr", "weight_decay", "label_smoothing", "augment", "crop_scale", "image_size", "seed"]
+    parser = get_args_parser()
     if args.batch_size * args.accum_steps != recipe["batch_size"] * recipe["accum_steps"]:
         names += ["batch_size", "accum_steps"]  # the same step split otherwise is kept
     changes = {n: recipe[n] for n in names if recipe[n] != getattr(args, n)}
@@ -263,13 +269,17 @@ def restore(resumed, args, classes, model, optimizer, scheduler, scaler, run) ->
     if resumed["arch"] != args.arch or resumed["classes"] != classes:
         found = f"{resumed['arch']} for the classes {resumed['classes']}"
         raise UserError(f"{resumed['path']} holds {found}, not {args.arch} for {classes}")
-    model.load_state_dict(resumed["model"])
-    optimizer.load_state_dict(resumed["optimizer"])
-    scheduler.load_state_dict(resumed["scheduler"])
+    try:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
+            scaler.load_state_dict(resumed["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"{resumed['path']}: its training state does not fit ({detail})") from e
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # for a new --epochs
-    if resumed["scaler"]:  # empty when the run was bf16 or fp32: a new fp16 scaler starts
-        scaler.load_state_dict(resumed["scaler"])
     if run.is_main:
         print(f"resumed from {resumed['path']} at epoch {resumed['epoch']}")
     return resumed["history"]
@@ -351,15 +361,15 @@ def main(args: argparse.Namespace) -> None:
         stopped = f"\ninterrupted in epoch {epoch}; {utils.kept(saved, output_dir)}"
         utils.exit_interrupted(stopped if run.is_main else "")
     except UserError as e:  # an unreadable photo, a full disk: say what is saved
-        raise UserError(f"{e}; {utils.kept(saved, output_dir)}") from e
+        raise UserError(f"{str(e).rstrip()}; {utils.kept(saved, output_dir)}") from e
     if run.is_main:
         utils.report_end(history, args.epochs, time.perf_counter() - started, output_dir)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = utils.script_parser(__doc__, f"{FAMILY}/train.py")
-    add, num, d = parser.add_argument, utils.number, DEFAULTS
-    add("--data-path", type=Path, default=FOLDER.parent / "data/flower_data", help="train/ + val/")
+    add, num, path, d = parser.add_argument, utils.number, utils.user_path, DEFAULTS
+    add("--data-path", type=path, default=FOLDER.parent / "data/flower_data", help="train/ + val/")
     add("--image-size", type=num(int, 1), default=d["image_size"], help="crop size in pixels")
     add("--cache", choices=["auto", "on", "off"], default="auto", help="decoded images in RAM")
     add("-j", "--workers", type=num(int, 0), help="loader processes (default: CPUs, max 8)")
@@ -374,7 +384,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--seed", type=num(int, 0, 2**63 - 1), default=0, help="random seed")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto", help="mixed precision")
-    add("--output-dir", type=Path, help="checkpoints, metrics and plots (default: runs/<arch>/)")
+    add("--output-dir", type=path, help="checkpoints, metrics and plots (default: runs/<arch>/)")
     add("--resume", nargs="?", const="last", metavar="PATH", help="PATH or last.pth (default: no)")
     add("--dry-run", action="store_true", help="one batch per epoch: a smoke test")
     add("--sync-bn", action="store_true", help="torchrun on GPUs: batch norm over all processes")

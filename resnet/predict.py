@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 from functools import partial
@@ -29,7 +30,6 @@ import torch
 from matplotlib.figure import Figure
 from PIL import ImageOps
 from torch import nn
-from torchvision.datasets import ImageFolder
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
@@ -57,26 +57,25 @@ def build_model(checkpoint: dict) -> nn.Module:
 
 
 def find_images(inputs: list[Path]) -> tuple[list[Path], list[str]]:
-    """The photos named, or found in folders (recursively, sorted, hidden ones skipped)."""
+    """The photos named, or found in folders as train.py finds them (utils.find_photos)."""
     files, problems = [], []
     for path in inputs:
-        found = sorted(p for p in path.rglob("*") if p.is_file() and utils.is_photo(p))
-        found = [p for p in found if not any(s[0] == "." for s in p.relative_to(path).parts)]
-        found = [path] if path.is_file() else found  # a folder's photos, without hidden ones
+        found = [path] if path.is_file() else utils.find_photos(path) if path.is_dir() else []
         files += found
         problems += [] if found else [f"{path}: no such file, or no photos in the folder"]
     return files, problems
 
 
 def labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor, list]:
-    """The photos of folder/<class>/, as train.py finds them (ImageFolder), and their labels."""
+    """The photos of folder/<class>/ as train.py finds them (utils.PhotoFolder), and labels."""
     try:
-        found = ImageFolder(folder, is_valid_file=utils.is_photo, allow_empty=True)
+        found = utils.PhotoFolder(folder, allow_empty=True)
     except OSError:  # not a folder, or no class folders in it
         found = None
     unknown = sorted(set(found.classes) - set(classes)) if found else []
-    if not found or not found.classes or unknown:
-        problem = f"{', '.join(unknown) or 'no class sub-folders'}: not a class of the checkpoint"
+    if found is None or unknown:
+        unknown = ", ".join(utils.printable(name) for name in unknown)
+        problem = f"{unknown or 'no class sub-folders'}: not a class of the checkpoint"
         raise UserError(f"--eval {folder}: {problem}; pass a folder of class sub-folders")
     empty = set(found.classes) - {found.classes[t] for t in found.targets}
     labels = torch.tensor([classes.index(found.classes[t]) for t in found.targets])
@@ -292,17 +291,22 @@ def read_checkpoint(args: argparse.Namespace, device: torch.device) -> tuple:
 def check_save_path(save: Path, folder: bool) -> Path:
     """--save, checked before any work: a figure (in a folder: the default name), or a folder."""
     save, formats = save.expanduser().resolve(), Figure().canvas.get_supported_filetypes()
+    formats.pop("pgf", None)  # needs LaTeX installed
     if folder and save.exists() and not save.is_dir():
         raise UserError(f"--save {save} is a file; with --eval it names a folder")
     if not folder and not save.is_dir() and save.suffix[1:].lower() not in ("", *formats):
         raise UserError(f"--save {save}: matplotlib cannot write {save.suffix} files; use .png")
-    # The folder the files go in, or the first of its parents that exists (maybe a file).
-    above = next(p for p in (save, *save.parents) if p.exists() and (p != save or p.is_dir()))
-    try:  # a file in the way, a read-only folder: before any photo is predicted
+    return save.with_suffix(".png") if not (folder or save.is_dir() or save.suffix) else save
+
+
+def check_writable(out: Path, folder: bool, flag: str) -> None:
+    """Before any photo is predicted: the folder out goes in (out itself for --eval), or the
+    first of its parents that exists, takes a file (not a file in the way, not read-only)."""
+    above = next(p for p in ([out] if folder else []) + list(out.parents) if os.path.lexists(p))
+    try:
         tempfile.TemporaryFile(dir=above).close()
     except OSError as e:
-        raise UserError(f"--save {save}: cannot write in {above} ({e.strerror or e})") from e
-    return save.with_suffix(".png") if not (folder or save.is_dir() or save.suffix) else save
+        raise UserError(f"{flag} {out}: cannot write in {above} ({e.strerror or e})") from e
 
 
 def output_path(args: argparse.Namespace, save: Path | None, weights: Path, files: list[Path]):
@@ -330,7 +334,9 @@ def main(args: argparse.Namespace) -> int:
     if args.feature_maps and (len(files) != 1 or args.cam):
         raise UserError(f"--feature-maps draws one photo, without --cam: {len(files)} photos given")
     out = output_path(args, save, weights, files)  # what this run writes, apart from what it reads
-    utils.check_apart(out, "--save" if save else "the default output", [*args.inputs, weights])
+    flag = "--save" if save else "the default output"
+    utils.check_apart(out, flag, [*args.inputs, weights])
+    check_writable(out, args.eval, flag)
     if args.eval:
         files, labels, problems = labelled_images(args.inputs[0].expanduser(), classes)
     kept, probs, unreadable = predict(model, files, transform, draft, args, device)
@@ -355,14 +361,14 @@ def main(args: argparse.Namespace) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = utils.script_parser(__doc__, f"{FAMILY}/predict.py")
-    add = parser.add_argument
-    add("inputs", nargs="+", type=Path, metavar="PHOTO_OR_FOLDER", help="photos, folders of photos")
-    add("--weights", type=Path, help="a checkpoint of train.py (default: runs/<arch>/best.pth)")
+    add, path = parser.add_argument, utils.user_path
+    add("inputs", nargs="+", type=path, metavar="PHOTO_OR_FOLDER", help="photos, folders of photos")
+    add("--weights", type=path, help="a checkpoint of train.py (default: runs/<arch>/best.pth)")
     add_model_args(parser)
     add("--topk", type=utils.number(int, 1), help="classes per photo (default: 5, half at most)")
     add("--json", action="store_true", help="print the results as JSON, nothing else")
     saved = "the figure, or --eval's folder (default: beside the checkpoint; none with --json)"
-    add("--save", type=Path, metavar="PATH", help=saved)
+    add("--save", type=path, metavar="PATH", help=saved)
     add("--eval", action="store_true", help="score a folder of class folders: accuracy, mistakes")
     add("--cam", action="store_true", help="draw where the network looks (Grad-CAM)")
     add("--feature-maps", action="store_true", help="one photo: first filters, each stage's output")

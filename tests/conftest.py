@@ -88,13 +88,13 @@ def flowers(tmp_path_factory) -> Path:
 
 
 def make_tiny(root: Path) -> Path:
-    """A generated split with 3 classes (a, b, c): 6 train and 2 val photos each."""
-    for split, n in (("train", 6), ("val", 2)):
+    """A generated split with 3 classes (a, b, c): 6 train and 2 val photos each, all apart."""
+    for split, n, first in (("train", 6, 0), ("val", 2, 6)):
         for c, name in enumerate(("a", "b", "c")):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(n):
-                (folder / f"{i}.jpg").write_bytes(jpeg_bytes(c * 50 + i, size=(80, 72)))
+                (folder / f"{i}.jpg").write_bytes(jpeg_bytes(c * 50 + first + i, size=(80, 72)))
     return root
 
 
@@ -207,12 +207,12 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -
     return buf.getvalue()
 
 
-def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 10) -> Path:
-    """A folder of class sub-folders holding generated JPEGs."""
+def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 10, first=0) -> Path:
+    """A folder of class sub-folders holding generated JPEGs (different ones from first on)."""
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            (root / name / f"img_{i:03d}.jpg").write_bytes(jpeg_bytes(c * 100 + i))
+            (root / name / f"img_{i:03d}.jpg").write_bytes(jpeg_bytes(c * 100 + first + i))
     return root
 
 

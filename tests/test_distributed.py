@@ -133,7 +133,9 @@ def test_sync_bn_on_cpu_is_refused_in_one_line(tmp_path):
         for name in ("a", "b"):
             (data / split / name).mkdir(parents=True)
             for i in range(4):
-                (data / split / name / f"{i}.jpg").write_bytes(jpeg_bytes(i, size=(64, 64)))
+                (data / split / name / f"{i}.jpg").write_bytes(
+                    jpeg_bytes(i + 4 * (split == "val"), size=(64, 64))
+                )
     result = torchrun(
         "resnet",
         "--data-path",
@@ -186,7 +188,9 @@ def test_a_failure_in_one_process_ends_the_job_with_a_clear_message(tmp_path):
         for c, name in enumerate(("a", "b")):
             (data / split / name).mkdir(parents=True)
             for i in range(n):
-                (data / split / name / f"{i}.jpg").write_bytes(jpeg_bytes(c * 20 + i))
+                (data / split / name / f"{i}.jpg").write_bytes(
+                    jpeg_bytes(c * 20 + i + 12 * (split == "val"))
+                )
     good = jpeg_bytes(5, size=(200, 150))
     (data / "train" / "a" / "broken.jpg").write_bytes(good[: len(good) // 3])
     start = time.monotonic()

@@ -498,7 +498,9 @@ def test_predict_save_paths(tiny_run, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(predict_py.UserError, match=f"cannot write in {a_file} .Not a directory"):
-        predict_py.check_save_path(a_file / "fig.png", folder=False)
+        predict_py.check_writable(a_file / "fig.png", False, "--save")
+    with pytest.raises(predict_py.UserError, match="cannot write .pgf files"):  # LaTeX's
+        predict_py.check_save_path(tmp_path / "fig.pgf", folder=False)
     with pytest.raises(predict_py.UserError, match="with --eval it names a folder"):
         predict_py.check_save_path(a_file, folder=True)
     assert predict_py.check_save_path(tmp_path / "bare", folder=False) == tmp_path / "bare.png"
@@ -520,7 +522,8 @@ def test_predict_save_paths(tiny_run, tmp_path):
 
 def test_class_names_without_a_font_warn_once_at_most(tmp_path):
     for split, n in (("train", 4), ("val", 2)):
-        make_image_folder(tmp_path / "zh" / split, classes=("雏菊", "蒲公英", "玫瑰"), per_class=n)
+        zh = ("雏菊", "蒲公英", "玫瑰")
+        make_image_folder(tmp_path / "zh" / split, zh, per_class=n, first=10 * (split == "val"))
     result = run(
         "lenet/train.py", "--data-path", tmp_path / "zh", "--output-dir", tmp_path / "o", *LENET
     )

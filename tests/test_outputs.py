@@ -456,11 +456,18 @@ def test_an_output_folder_with_a_folder_named_last_pth_says_so(tiny, tmp_path):
         call(train_py, "--data-path", tiny, "--output-dir", tmp_path / "run", *LENET)
 
 
-def test_a_save_folder_that_cannot_be_written_is_refused_before_predicting(tiny_run, tmp_path):
+@pytest.mark.parametrize("eval", [True, False])
+def test_a_save_folder_that_cannot_be_written_is_refused_before_predicting(
+    eval, tiny, tiny_run, tmp_path, monkeypatch
+):
+    """--eval or a figure, into a read-only folder (--save, or beside the checkpoint: the same
+    check): refused before a photo is read, not after scoring every one."""
     predict_py = load_script("lenet", "predict")
+    monkeypatch.setattr(predict_py, "predict", lambda *a: pytest.fail("predicted first"))
+    inputs = ["--eval", tiny / "val"] if eval else [tiny / "val" / "a"]
     with small_disk(tmp_path / "ro", "1M", read_only=True) as disk:
         with pytest.raises(predict_py.UserError, match="cannot write in .*Read-only file system"):
-            predict_py.check_save_path(disk / "figures", folder=True)
+            call(predict_py, *inputs, "--weights", tiny_run, "--save", disk / "figures")
 
 
 # --- Ctrl-C while the script starts ---------------------------------------------------------

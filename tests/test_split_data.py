@@ -390,3 +390,4 @@ def test_the_code_it_repeats_is_utils_pys():
         assert ours[name] == utils[name], f"split_data.py's {name} is not resnet/utils.py's"
     split_data_py, utils_py = load_module(SCRIPT), load_script("resnet", "utils")
     assert split_data_py.IMG_EXTENSIONS == utils_py.IMAGE_SUFFIXES
+    assert split_data_py.MAX_ASPECT == utils_py.MAX_ASPECT

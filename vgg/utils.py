@@ -7,7 +7,9 @@ own: fix it in resnet/, then run `python tests/sync_shared.py`."""
 import argparse
 import atexit
 import contextlib
+import filecmp
 import io
+import json
 import math
 import os
 import random
@@ -16,6 +18,7 @@ import signal
 import sys
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -223,15 +226,52 @@ def is_photo(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES and not Path(path).name.startswith(".")
 
 
+def find_photos(folder: Path) -> list[Path]:
+    """The photos in folder and its sub-folders, sorted: the one rule of train.py, --eval,
+    predict.py and split_data.py. Hidden files and folders are skipped (.ipynb_checkpoints/),
+    a link to a photo is a photo, a link to a folder is not followed (`roses/up -> ..` would
+    read every class as roses), and what is not a file (a FIFO, a dangling link) is no photo."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(parent, f) for f in files if is_photo(f) and os.path.isfile(Path(parent, f))]
+    return sorted(found)
+
+
+class PhotoFolder(ImageFolder):
+    """ImageFolder (one class per sub-folder), its photos found by find_photos."""
+
+    def find_classes(self, directory) -> tuple[list[str], dict[str, int]]:
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name[0] != ".")
+        if not folders:
+            raise FileNotFoundError(f"no class sub-folders in {directory}")
+        return folders, {name: i for i, name in enumerate(folders)}
+
+    @staticmethod
+    def make_dataset(
+        directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
+    ):
+        found = {name: find_photos(Path(directory, name)) for name in class_to_idx}
+        empty = [name for name, photos in found.items() if not photos]
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"no photos in the class folder(s) {', '.join(empty)}")
+        return [(str(p), class_to_idx[name]) for name, photos in found.items() for p in photos]
+
+
+MAX_ASPECT = 100  # longer side / shorter side: a 1 x 300,000 strip would be resized to gigabytes
+
+
 def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
     """Any image as users have it, upright RGB (or a ValueError with a short reason); with draft,
     a JPEG is decoded at 1/2 to 1/8 scale, both sides still at least draft pixels."""
-    if path.stat().st_size == 0:
-        raise ValueError("the file is empty (0 bytes)")
     try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if max(img.size) > MAX_ASPECT * min(img.size):
+                    raise ValueError(f"{img.width} x {img.height} pixels: too thin to be a photo")
                 if draft:
                     img.draft("RGB", (draft, draft))
                 img.seek(0)  # the first frame of a GIF or other animation
@@ -242,8 +282,8 @@ def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
         raise ValueError(f"too many pixels, refused as a possible decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
         raise ValueError("not an image Pillow can read") from e
-    except (OSError, SyntaxError, EOFError) as e:  # damaged, truncated, or not readable
-        raise ValueError(f"cannot be read or decoded ({e})") from e
+    except (OSError, SyntaxError, EOFError) as e:  # gone, damaged, truncated, or not readable
+        raise ValueError(f"cannot be read or decoded ({getattr(e, 'strerror', None) or e})") from e
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")  # 16-bit to 8-bit
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -251,15 +291,42 @@ def open_rgb(path: Path, draft: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_folder(folder: Path, transform, draft: int) -> ImageFolder:
-    """An ImageFolder of folder's class folders, its photos opened by open_rgb at draft."""
+def image_folder(folder: Path, transform, draft: int) -> PhotoFolder:
+    """A PhotoFolder of folder's class folders, its photos opened by open_rgb at draft."""
     if not folder.is_dir():
         raise UserError(f"data folder {folder} not found: run `python split_data.py` first")
     try:
-        loader = partial(load_image, draft=draft)
-        return ImageFolder(folder, transform, loader=loader, is_valid_file=is_photo)
+        return PhotoFolder(folder, transform, loader=partial(load_image, draft=draft))
     except OSError as e:  # no class folders, or a class without photos
         raise UserError(f"{folder}: {e}; run `python split_data.py` to make the split") from e
+
+
+def check_split(root: Path, train_set: PhotoFolder, val_set: PhotoFolder) -> None:
+    """Refuse a split that shares a photo between train/ and val/ (val would score photos the
+    network trained on), or that its split.json, if split_data.py wrote one, does not describe."""
+    subsets = {"train": train_set, "val": val_set}
+    found = {
+        sub: {Path(p).relative_to(root / sub) for p, _ in subsets[sub].samples} for sub in subsets
+    }
+    same = [p for p in found["train"] & found["val"]]  # the same name: the same bytes too?
+    if both := sorted(p for p in same if filecmp.cmp(root / "train" / p, root / "val" / p, False)):
+        raise UserError(
+            f"{root}: {len(both)} photo(s) in both train/ and val/, such as {both[0]}; "
+            f"run `python split_data.py` again"
+        )
+    try:
+        described = json.loads((root / "split.json").read_text())["classes"]
+        described = {(c, sub): n[sub] for c, n in described.items() for sub in subsets}
+    except FileNotFoundError:  # a split made by hand
+        return
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        described = {}
+    if Counter((p.parts[0], sub) for sub in subsets for p in found[sub]) != described:
+        raise UserError(
+            f"{root}: train/ and val/ are not the split its split.json describes (half-written, "
+            f"or changed since); run `python split_data.py` again, or delete split.json if you "
+            f"changed the split on purpose"
+        )
 
 
 def load_image(path: str, draft: int | None = None) -> Image.Image:
@@ -394,7 +461,8 @@ def write_file(path: Path, write) -> None:
             raise
         raise UserError(f"cannot write {path} ({cause.strerror or cause})") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk: its error is the one to tell
+            tmp.unlink(missing_ok=True)
 
 
 def save_figure(fig: Figure, path: Path) -> None:
@@ -419,11 +487,21 @@ def load_checkpoint(path: Path, family: str) -> dict:
         raise UserError(
             f"{path} holds {theirs}, not a {family} network; use {checkpoint['family']}/"
         )
-    if not (isinstance(checkpoint["image_size"], int) and checkpoint["image_size"] > 0):
-        raise UserError(f"{path}: its image_size {checkpoint['image_size']!r} is not a size")
+    size, classes = checkpoint["image_size"], checkpoint["classes"]
+    if type(size) is not int or not 0 < size <= 4096:  # (True is an int too)
+        raise UserError(f"{path}: its image_size {size!r} is not a size from 1 to 4096")
+    if not (isinstance(classes, list) and classes and all(type(c) is str for c in classes)):
+        raise UserError(f"{path}: its classes are not a list of names")
+    checkpoint["classes"] = [printable(name) for name in classes]
     if not all(t.isfinite().all() for t in model.values() if isinstance(t, torch.Tensor)):
         raise UserError(f"{path} holds NaN or infinite weights: the run that wrote it diverged")
     return checkpoint
+
+
+def printable(name: str) -> str:
+    """name with its control characters escaped: a class name in a checkpoint cannot recolour
+    the terminal (ANSI codes) or forge a result line (a newline)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
 
 
 def check_apart(output: Path, flag: str, inputs) -> None:
@@ -443,8 +521,13 @@ def prepare_output_dir(output_dir: Path) -> None:
     lock = output_dir / ".lock"
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if lock.is_file() and not running(lock.read_text()):
-            lock.unlink()  # left by a run that was killed
+        if os.path.lexists(lock) and not lock.is_file() or lock.is_symlink():
+            raise UserError(f"{lock} is not a lock file of train.py; remove it and run again")
+        if lock.is_file():
+            pid = lock.read_text().strip()
+            young = time.time() - lock.stat().st_mtime < 10  # an empty one: its number comes next
+            if not (running(pid) if pid else young):
+                lock.unlink()  # left by a run that was killed
         with open(lock, "x") as f:  # exclusive: of two runs starting together, one gets it
             f.write(str(os.getpid()))
         for tmp in output_dir.glob(".*.*.tmp"):  # write_file's, left by killed processes
@@ -452,11 +535,17 @@ def prepare_output_dir(output_dir: Path) -> None:
                 tmp.unlink(missing_ok=True)
     except OSError as e:
         if isinstance(e, FileExistsError) and lock.is_file():  # another run holds the folder
-            holder = f"another run (process {lock.read_text()[:10]}) writes to {output_dir}"
+            pid = printable(lock.read_text().strip()[:10])
+            holder = f"another run (process {pid}) writes to {output_dir}"
             raise UserError(f"{holder}; wait for it, or delete {lock.name} if none runs") from None
         problem = "is a file" if output_dir.is_file() else f"cannot be written ({e.strerror or e})"
         raise UserError(f"--output-dir {output_dir} {problem}; pass a folder you can write") from e
-    atexit.register(lock.unlink, missing_ok=True)
+    atexit.register(remove_quietly, lock)
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # gone, or on a disk now read-only: nothing to add
+        path.unlink(missing_ok=True)
 
 
 class EpochMeter:
@@ -527,6 +616,8 @@ class EpochMeter:
 def running(pid: str) -> bool:
     """Whether another process pid runs (where that cannot be told, as on Windows: True)."""
     try:
+        if int(pid) <= 0:  # os.kill would signal a process group
+            return False
         os.kill(int(pid), 0) if os.name == "posix" else None  # signal 0: only a check
         return int(pid) != os.getpid()
     except ProcessLookupError:  # no such process
@@ -639,6 +730,16 @@ def number(kind: type, low: float, high: float = math.inf, low_in=True, high_in=
 
     parse.__name__ = kind.__name__  # argparse's message for a non-number: "invalid int value"
     return parse
+
+
+def user_path(text: str) -> Path:
+    """An argparse type: a path (~ expanded), refused at once if it runs into a link loop."""
+    path = Path(text).expanduser()
+    try:
+        path.resolve()  # before Python 3.13: RuntimeError("Symlink loop from ...")
+    except (RuntimeError, OSError) as e:
+        raise argparse.ArgumentTypeError(f"{text} is a loop of symbolic links; fix it") from e
+    return path
 
 
 SHORT = {"--batch-size": ("-b",), "--workers": ("-j",)}  # the short names of train.py's flags
