@@ -582,7 +582,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--link",
         action="store_true",
-        help="hard-link files instead of copying them where the file system allows (default: copy)",
+        help="hard-link files instead of copying them where the file system allows: no space "
+        "taken, but an edit of a split photo edits the source photo too (default: copy)",
     )
     parser.add_argument(
         "--out",
@@ -646,12 +647,20 @@ def holding(out: Path):
         remove_leftovers(out)
         yield
     except BaseException:
+        lock.unlink(missing_ok=True)
         for folder in made:  # deepest first
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty
         raise
     finally:
         lock.unlink(missing_ok=True)
+
+
+def resolved(path: Path, flag: str) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # before Python 3.13: RuntimeError("Symlink loop")
+        raise SplitError(f"{flag} {path} is a loop of symbolic links; fix it") from e
 
 
 def main(args: argparse.Namespace) -> None:
@@ -663,14 +672,14 @@ def main(args: argparse.Namespace) -> None:
             f"{args.test_ratio}"
         )
     ratios = {"val": args.val_ratio, "test": args.test_ratio}
-    out = args.out.expanduser().resolve()
+    out = resolved(args.out, "--out")
     if args.source is None:
         source = fetch_default(args.url, args.sha256.lower())
         prepare_out(out, None)
         with holding(out):
             split(source, out, ratios, args.seed, args.link, args.url)
         return
-    source = args.source.expanduser().resolve()
+    source = resolved(args.source, "--source")
     if not source.exists():
         raise SplitError(f"--source {args.source} does not exist")
     if not (source.is_dir() or is_archive(source)):

@@ -460,14 +460,17 @@ def test_an_output_folder_with_a_folder_named_last_pth_says_so(tiny, tmp_path):
 def test_a_save_folder_that_cannot_be_written_is_refused_before_predicting(
     eval, tiny, tiny_run, tmp_path, monkeypatch
 ):
-    """--eval or a figure, into a read-only folder (--save, or beside the checkpoint: the same
-    check): refused before a photo is read, not after scoring every one."""
+    """--eval or a figure beside a checkpoint on a read-only disk, or --save there: refused
+    before a photo is read, not after scoring every one."""
     predict_py = load_script("lenet", "predict")
     monkeypatch.setattr(predict_py, "predict", lambda *a: pytest.fail("predicted first"))
     inputs = ["--eval", tiny / "val"] if eval else [tiny / "val" / "a"]
-    with small_disk(tmp_path / "ro", "1M", read_only=True) as disk:
-        with pytest.raises(predict_py.UserError, match="cannot write in .*Read-only file system"):
-            call(predict_py, *inputs, "--weights", tiny_run, "--save", disk / "figures")
+    with small_disk(tmp_path / "ro", "4M") as disk:
+        shutil.copy(tiny_run, disk / "best.pth")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for save in ([], ["--save", disk / "figures"]):
+            with pytest.raises(predict_py.UserError, match="cannot write in .*Read-only file sys"):
+                call(predict_py, *inputs, "--weights", disk / "best.pth", *save)
 
 
 # --- Ctrl-C while the script starts ---------------------------------------------------------
