@@ -308,7 +308,7 @@ def check_split(root: Path, train_set: PhotoFolder, val_set: PhotoFolder) -> Non
     found = {
         sub: {Path(p).relative_to(root / sub) for p, _ in subsets[sub].samples} for sub in subsets
     }
-    same = [p for p in found["train"] & found["val"]]  # the same name: the same bytes too?
+    same = found["train"] & found["val"]  # the same name: the same bytes too?
     if both := sorted(p for p in same if filecmp.cmp(root / "train" / p, root / "val" / p, False)):
         raise UserError(
             f"{root}: {len(both)} photo(s) in both train/ and val/, such as {both[0]}; "

@@ -240,6 +240,31 @@ def test_a_full_disk_leaves_no_empty_out_and_a_second_run_is_refused(photos, tmp
     assert not lock.exists() and (tmp_path / "out" / "split.json").is_file()
 
 
+def test_an_out_whose_parent_cannot_be_written_is_refused_before_any_image_is_read(
+    photos, tmp_path, monkeypatch
+):
+    """out/ exists and takes files, its parent (where the new split is built) does not."""
+    module = load_module(SPLIT_DATA, "split_data_hostile")
+    (tmp_path / "out").mkdir()
+    real = module.tempfile.TemporaryFile
+
+    def temporary_file(dir):
+        if Path(dir) == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(dir=dir)
+
+    monkeypatch.setattr(module.tempfile, "TemporaryFile", temporary_file)
+    monkeypatch.setattr(module, "check_images", lambda *a: pytest.fail("images read first"))
+    with pytest.raises(
+        module.SplitError, match=f"cannot be written .Permission denied: {tmp_path}"
+    ):
+        module.main(
+            module.get_args_parser().parse_args(
+                ["--source", str(photos), "--out", str(tmp_path / "out")]
+            )
+        )
+
+
 def test_a_loop_of_links_in_a_path_is_one_line(tmp_path, capsys):
     loop = tmp_path / "loop"
     loop.symlink_to(tmp_path / "loop2")

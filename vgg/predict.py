@@ -306,7 +306,8 @@ def check_writable(out: Path, folder: bool, flag: str) -> None:
     try:
         tempfile.TemporaryFile(dir=above).close()
     except OSError as e:
-        raise UserError(f"{flag} {out}: cannot write in {above} ({e.strerror or e})") from e
+        where = f"cannot write in {above} ({e.strerror or e})"
+        raise UserError(f"{flag} {out}: {where}; pass --save with a place you can write") from e
 
 
 def output_path(args: argparse.Namespace, save: Path | None, weights: Path, files: list[Path]):
