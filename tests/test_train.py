@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -141,24 +142,29 @@ def weights_of(path: Path) -> dict:
 
 def test_interrupt_then_resume_gives_the_same_weights_as_a_straight_run(flowers, tmp_path):
     common = ["--data-path", flowers, "--epochs", "2", "--workers", "0", *SMALL["resnet"]]
-    straight = train("resnet", *common, "--output-dir", tmp_path / "straight")
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}  # the two runs side by side
+    with ThreadPoolExecutor(1) as pool:
+        straight = pool.submit(
+            train, "resnet", *common, "--output-dir", tmp_path / "straight", env=env
+        )
+        out = tmp_path / "interrupted"
+        cmd = [
+            sys.executable,
+            str(REPO / "resnet" / "train.py"),
+            *map(str, common),
+            "--output-dir",
+            str(out),
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        deadline = time.monotonic() + 300
+        while not (out / "last.pth").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)  # in epoch 2 (or later: the result must not depend on it)
+        stdout, stderr = proc.communicate(timeout=300)
+        straight = straight.result()
     assert straight.returncode == 0, straight.stderr[-3000:]
-
-    out = tmp_path / "interrupted"
-    env = {**os.environ, "MPLBACKEND": "Agg"}
-    cmd = [
-        sys.executable,
-        str(REPO / "resnet" / "train.py"),
-        *map(str, common),
-        "--output-dir",
-        str(out),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while not (out / "last.pth").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # during epoch 2 (or later: the result must not depend on it)
-    stdout, stderr = proc.communicate(timeout=300)
     assert "Traceback" not in stderr
     if proc.returncode == 130:
         assert "continue with:" in stderr and "--resume" in stderr
@@ -166,7 +172,7 @@ def test_interrupt_then_resume_gives_the_same_weights_as_a_straight_run(flowers,
     else:
         assert proc.returncode == 0, stderr[-3000:]  # finished before the signal landed
 
-    resumed = train("resnet", *common, "--output-dir", out, "--resume")
+    resumed = train("resnet", *common, "--output-dir", out, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights_of(tmp_path / "straight" / "last.pth"), weights_of(out / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
