@@ -492,6 +492,9 @@ def load_checkpoint(path: Path, family: str) -> dict:
         raise UserError(f"{path}: its image_size {size!r} is not a size from 1 to 4096")
     if not (isinstance(classes, list) and classes and all(type(c) is str for c in classes)):
         raise UserError(f"{path}: its classes are not a list of names")
+    for v in (checkpoint["mean"], checkpoint["std"]):
+        if not (isinstance(v, list) and len(v) == 3 and all(type(x) is float and x for x in v)):
+            raise UserError(f"{path}: its mean and std are not three numbers each")
     checkpoint["classes"] = [printable(name) for name in classes]
     if not all(t.isfinite().all() for t in model.values() if isinstance(t, torch.Tensor)):
         raise UserError(f"{path} holds NaN or infinite weights: the run that wrote it diverged")

@@ -267,7 +267,8 @@ def prepare_outputs(args: argparse.Namespace, run: Run):
     state = [type(checkpoint.get(key)) is kind for key, kind in kinds.items()]
     if not all(state) or not {*names, "batch_size", "accum_steps"} <= set(recipe):
         raise UserError(f"{path} holds no training state of train.py (resume from a last.pth)")
-    if checkpoint.get("epoch") != len(history) or not all(type(r) is dict for r in history):
+    row = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc"}  # what the plots read
+    if checkpoint.get("epoch") != len(history) or not all(row <= r.keys() for r in history):
         raise UserError(f"{path}: its epoch and history disagree; resume from a last.pth")
     if args.epochs <= checkpoint["epoch"]:
         raise UserError(f"{path} already trained {checkpoint['epoch']} epochs: pass more --epochs")

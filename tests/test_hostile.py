@@ -373,6 +373,9 @@ def odd_checkpoints(last: dict) -> dict[str, dict]:
         "image_size True": {**last, "image_size": True},
         "image_size 10**6": {**last, "image_size": 10**6},
         "classes not names": {**last, "classes": [1, 2, 3]},
+        "mean as text": {**last, "mean": "0.5"},
+        "a zero std": {**last, "std": [0.2, 0.0, 0.2]},
+        "history rows without val_acc": {**last, "history": [{"epoch": 1}]},
     }
 
 
