@@ -478,7 +478,7 @@ def split(source: Path, out: Path, ratios: dict, seed: int, link: bool, label: s
     classes, skipped = check_images(classes, root)
     skipped = unlisted + skipped
     if skipped:
-        print(f"warning: skipped {len(skipped)} file(s) that are not usable images:")
+        print(f"warning: skipped {len(skipped)} file(s) or folder(s), not usable images:")
         for line in skipped:
             print(f"  {line}")
     least = 3 if ratios["test"] else 2  # an image in each subset

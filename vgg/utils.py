@@ -311,8 +311,8 @@ def check_split(root: Path, train_set: PhotoFolder, val_set: PhotoFolder) -> Non
     same = found["train"] & found["val"]  # the same name: the same bytes too?
     if both := sorted(p for p in same if filecmp.cmp(root / "train" / p, root / "val" / p, False)):
         raise UserError(
-            f"{root}: {len(both)} photo(s) in both train/ and val/, such as {both[0]}; "
-            f"run `python split_data.py` again"
+            f"{root}: {len(both)} photo(s) in both train/ and val/, such as {both[0]}; keep "
+            f"each in one of them, or run `python split_data.py` again"
         )
     try:
         described = json.loads((root / "split.json").read_text())["classes"]
