@@ -202,12 +202,12 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB") -
     return buf.getvalue()
 
 
-def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 10, first=0) -> Path:
-    """A folder of class sub-folders holding generated JPEGs (different ones from first on)."""
+def make_image_folder(root: Path, classes=("a", "b", "c"), per_class: int = 10) -> Path:
+    """A folder of class sub-folders holding generated JPEGs."""
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            (root / name / f"img_{i:03d}.jpg").write_bytes(jpeg_bytes(c * 100 + first + i))
+            (root / name / f"img_{i:03d}.jpg").write_bytes(jpeg_bytes(c * 100 + i))
     return root
 
 
