@@ -471,6 +471,8 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 def load_checkpoint(path: Path, family: str) -> dict:
     """A checkpoint of this family's train.py (weights_only: nothing arbitrary is unpickled)."""
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would never end
+        raise UserError(f"{path} is not a checkpoint (not a file)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # none there, a folder, no permission

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -398,6 +399,23 @@ def test_a_resume_checkpoint_with_odd_contents_is_one_line(case, tiny, tiny_run,
     ]
     with pytest.raises(train_py.UserError, match=str(path)):
         train_py.main(train_py.get_args_parser().parse_args(list(map(str, argv))))
+
+
+def test_a_fifo_as_a_checkpoint_is_refused_not_waited_on(tmp_path):
+    utils = load_script("lenet", "utils")
+    os.mkfifo(tmp_path / "last.pth")
+    errors = []
+
+    def load():
+        try:
+            utils.load_checkpoint(tmp_path / "last.pth", "lenet")
+        except utils.UserError as e:
+            errors.append(str(e))
+
+    reader = threading.Thread(target=load, daemon=True)  # a hung read must not hang the suite
+    reader.start()
+    reader.join(timeout=30)
+    assert errors == [f"{tmp_path / 'last.pth'} is not a checkpoint (not a file)"]
 
 
 def test_class_names_are_printed_escaped(tiny, tiny_run, tmp_path, capsys):
