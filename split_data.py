@@ -33,6 +33,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -374,21 +375,24 @@ def ctrl_c_held(out: Path):
 
 
 def own_split(out: Path) -> bool:
-    """Whether out's train/, val/ (test/) are the split its split.json describes: the digest
-    of their file names is the manifest's, and that of every file's name and bytes (hidden
-    files included) too, where the manifest has one: an edit, crop or added file is not ours."""
+    """Whether out's train/, val/ (test/) are the split its split.json describes: the digest of
+    every file's name and bytes there (hidden files included) is the manifest's, so an edit,
+    a crop or an added file makes the split the user's. A manifest of an earlier version has
+    only the digest of the (not hidden) file names."""
     try:
         manifest = json.loads((out / MANIFEST).read_text())
         digest, content = manifest["split_sha256"], manifest.get("files_sha256")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    if content is not None:
+        return files_digest(out) == content
     entries = []
     for subset in SUBSETS:
         files = (out / subset).rglob("*") if (out / subset).is_dir() else []
         for p in (p for p in files if p.is_file() and not is_hidden(p, out / subset)):
             name, *rest = p.relative_to(out / subset).parts
             entries.append((name, subset, PurePosixPath(*rest)))
-    return split_digest(entries) == digest and content in (None, files_digest(out))
+    return split_digest(entries) == digest
 
 
 def files_digest(folder: Path) -> str | None:
@@ -633,8 +637,11 @@ def holding(out: Path):
     made = [p for p in (out, *out.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.split-lock"
-    if lock.is_file() and not running(lock.read_text().strip() or "0"):
-        lock.unlink()  # left by a run that was killed
+    if lock.is_file():  # as train.py's utils.prepare_output_dir
+        pid = lock.read_text().strip()
+        young = time.time() - lock.stat().st_mtime < 10  # an empty one: its number comes next
+        if not (running(pid) if pid else young):
+            lock.unlink()  # left by a run that was killed
     try:
         with open(lock, "x") as f:
             f.write(str(os.getpid()))

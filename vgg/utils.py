@@ -461,8 +461,7 @@ def write_file(path: Path, write) -> None:
             raise
         raise UserError(f"cannot write {path} ({cause.strerror or cause})") from e
     finally:
-        with contextlib.suppress(OSError):  # a read-only disk: its error is the one to tell
-            tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)  # on a read-only disk: the error to tell is the one above
 
 
 def save_figure(fig: Figure, path: Path) -> None:
@@ -549,7 +548,7 @@ def prepare_output_dir(output_dir: Path) -> None:
 
 
 def remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):  # gone, or on a disk now read-only: nothing to add
+    with contextlib.suppress(OSError):  # gone, or on a read-only disk: nothing to add
         path.unlink(missing_ok=True)
 
 
